@@ -1,0 +1,78 @@
+"""Deterministic l2 robustness certificates (Singla & Feizi, NeurIPS 2022, section 1 of paper.md).
+
+- Global: r(x) = m(x) / (sqrt(2) L), m the margin between the top logit and the runner-up, L an
+  upper bound on the Lipschitz constant of x -> logits.
+- Pairwise, for a last linear layer W on features with Lipschitz bound L_f (the LLN head):
+  r(x) = min over ALL j != y of (f_y - f_j) / (L_f ||w_y - w_j||).
+
+A sample is certified at eps when it is correctly classified and r(x) > eps (strict); ties in the
+logits give a margin of 0, hence a radius of 0. Margins are taken in float64 from the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+from .errors import ConfigError
+
+SQRT2 = math.sqrt(2.0)
+STANDARD_EPS = ("36/255", "72/255", "108/255")
+
+
+def parse_eps(text: str | float) -> float:
+    """Parse an l2 radius written as a fraction (``36/255``) or a decimal (``0.5``); must be > 0."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        s = str(text).strip()
+        try:
+            value = float(Fraction(s)) if "/" in s else float(s)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"malformed eps {text!r}: use a fraction like 36/255 or a decimal like 0.5") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"eps must be a positive finite number, got {text!r}")
+    return value
+
+
+def predictions_and_margins(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted class and margin f_y - max_{j != y} f_j (>= 0; 0 on a tie), in float64."""
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ConfigError(f"logits must have shape (N, C>=2), got {tuple(logits.shape)}")
+    z = logits.detach().to(torch.float64)
+    top2 = z.topk(2, dim=1)
+    return top2.indices[:, 0], top2.values[:, 0] - top2.values[:, 1]
+
+
+def global_radius(logits: torch.Tensor, lipschitz: float) -> torch.Tensor:
+    """r = margin / (sqrt(2) L) for an upper bound L on the Lipschitz constant of the logits."""
+    if not (lipschitz > 0 and math.isfinite(lipschitz)):
+        raise ConfigError(f"the Lipschitz bound must be positive and finite, got {lipschitz}")
+    _, margin = predictions_and_margins(logits)
+    return margin / (SQRT2 * float(lipschitz))
+
+
+def pairwise_radius(logits: torch.Tensor, feature_lipschitz: float, row_distances: torch.Tensor) -> torch.Tensor:
+    """r = min_{j != y} (f_y - f_j) / (L_f ||w_y - w_j||), over ALL other classes.
+
+    ``row_distances[y, j]`` is an upper bound on ||w_y - w_j||. A pair with identical rows can
+    never swap order (f_y - f_j is the constant bias difference), so it imposes no limit.
+    """
+    if not (feature_lipschitz > 0 and math.isfinite(feature_lipschitz)):
+        raise ConfigError(f"the feature Lipschitz bound must be positive and finite, got {feature_lipschitz}")
+    pred, margin = predictions_and_margins(logits)
+    z = logits.detach().to(torch.float64)
+    dist = row_distances.to(device=z.device, dtype=torch.float64)[pred]  # (N, C)
+    gaps = z.gather(1, pred[:, None]) - z  # f_y - f_j >= 0
+    radius = gaps / (float(feature_lipschitz) * dist)
+    radius = torch.where(dist > 0, radius, torch.full_like(radius, math.inf))
+    radius.scatter_(1, pred[:, None], math.inf)  # j = y is not a competitor
+    radius = radius.amin(dim=1)
+    return torch.where(margin > 0, radius, torch.zeros_like(radius))
+
+
+def certified_mask(radius: torch.Tensor, correct: torch.Tensor, eps: float) -> torch.Tensor:
+    """Certified at eps: correctly classified and radius strictly greater than eps."""
+    return correct & (radius > eps)

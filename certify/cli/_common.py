@@ -1,0 +1,76 @@
+"""Shared pieces of the command line: exit codes, the console, devices and error handling."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+import torch
+from rich.console import Console
+
+from ..errors import ConfigError, LipcertError
+
+#: Exit codes, as documented in ``lipcert --help`` and the README.
+EXIT_OK = 0  #: success
+EXIT_ERROR = 1  #: runtime error (a clear one-line message; a traceback only with --debug)
+EXIT_USAGE = 2  #: usage error (bad option or argument; click's own code)
+EXIT_GATE = 3  #: a gate failed (--fail-under, or certificate violations found by an audit)
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success, 1 runtime error, 2 usage error, "
+    "3 gate failed (--fail-under not met, or an audit found a violation)."
+)
+
+#: Progress and logs go to stderr; results go to stdout.
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} asked for, but no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec!r} does not exist ({torch.cuda.device_count()} GPU(s) found)")
+    elif device.type != "cpu":
+        raise ConfigError(f"unsupported device {spec!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def show_progress(machine_readable: bool = False) -> bool:
+    """Progress bars only on an interactive stderr and for human-readable output."""
+    return not machine_readable and sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> None:
+    """Print a one-line error on stderr and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise SystemExit(code)
+
+
+def handle_errors(fn):
+    """Turn lipcert's exceptions (and a few expected OS errors) into one line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context(silent=True)
+        debug = bool(ctx and ctx.find_root().params.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except (LipcertError, OSError, MemoryError) as e:
+            if debug:
+                raise
+            text = " ".join(str(e).split()) or type(e).__name__
+            fail(text)
+
+    return wrapper

@@ -1,0 +1,280 @@
+"""Skew orthogonal convolution (SOC).
+
+Singla & Feizi, "Skew Orthogonal Convolutions", ICML 2021, with the fast training backward of
+Singla & Feizi, "Improved techniques for deterministic l2 robustness", NeurIPS 2022 (technique b).
+
+The layer computes ``exp(conv_A) x`` for a skew-symmetric convolution ``A = (W - W^T) / 2`` by a
+truncated Taylor series. ``W^T`` swaps the in/out channel axes and flips both spatial axes; with
+zero "same" padding and an odd kernel the convolution by ``A`` is then exactly skew-symmetric as a
+linear operator, so ``exp(conv_A)`` is exactly orthogonal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+# Relative slack added to every float64 norm computation, far above its rounding error (about
+# 1e-13 for the sizes used here), so that a bound stays an upper bound after rounding.
+FLOAT64_SLACK = 1e-9
+
+
+def _real_matrix_norm_bound(a: torch.Tensor) -> float:
+    """Upper bound on the spectral norm of a real float64 matrix: sqrt(lambda_max(A^T A)), plus
+    the worst-case rounding error of the Gram product (n eps ||A||_F^2) and relative slack."""
+    gram = a.T @ a
+    n = a.shape[0]
+    rounding = n * torch.finfo(torch.float64).eps * float(a.square().sum())
+    lam = float(torch.linalg.eigvalsh(gram)[-1]) + rounding
+    return math.sqrt(max(lam, 0.0)) * (1 + FLOAT64_SLACK)
+
+
+def transpose_filter(w: torch.Tensor) -> torch.Tensor:
+    """The filter of the adjoint convolution: swap in/out channels and flip both spatial axes."""
+    return torch.flip(w.transpose(0, 1), dims=(2, 3))
+
+
+def _l2_normalize(t: torch.Tensor) -> torch.Tensor:
+    return t / t.norm().clamp_min(1e-12)
+
+
+def taylor_series(x: torch.Tensor, skew: torch.Tensor, terms: int) -> torch.Tensor:
+    """``sum_{j<terms} conv_A^j(x) / j!`` by Horner's rule, with plain autograd (exact gradients)."""
+    pad = skew.shape[-1] // 2
+    y = x
+    for i in range(terms - 1, 0, -1):
+        y = x + F.conv2d(y, skew, padding=pad) / i
+    return y
+
+
+class _FastSOC(torch.autograd.Function):
+    """Taylor series of exp(conv_A) with the paper's low-memory backward (NeurIPS 2022, tech. b).
+
+    The forward saves only ``z = sum_{j<K-1} A^j x / (j+1)!`` (so that ``y = x + A z``). The input
+    gradient is exact for the truncated series: the adjoint of ``conv_A`` is ``conv_{-A}``, so it is
+    the same series with ``-A``. The filter gradient is approximated by ONE weight-gradient
+    convolution of ``z`` against the backward partial sum ``w = sum_{i<K-1} (-A)^i g / (i+1)!``:
+    it weights the pair of powers (i, l) by ``1/((i+1)!(l+1)!)`` instead of ``1/(i+l+1)!``, exact
+    for the leading terms and a few percent off for ||A|| about 1 to 2.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, skew: torch.Tensor, terms: int) -> torch.Tensor:
+        pad = skew.shape[-1] // 2
+        z = x
+        for i in range(terms - 1, 1, -1):
+            z = x + F.conv2d(z, skew, padding=pad) / i
+        ctx.save_for_backward(z, skew)
+        ctx.terms = terms
+        return x + F.conv2d(z, skew, padding=pad)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        z, skew = ctx.saved_tensors
+        pad = skew.shape[-1] // 2
+        grad_out = grad_out.to(z.dtype)
+        neg = -skew
+        w = grad_out
+        for i in range(ctx.terms - 1, 1, -1):
+            w = grad_out + F.conv2d(w, neg, padding=pad) / i
+        grad_x = grad_out + F.conv2d(w, neg, padding=pad) if ctx.needs_input_grad[0] else None
+        grad_skew = None
+        if ctx.needs_input_grad[1]:
+            grad_skew = torch.nn.grad.conv2d_weight(z, skew.shape, w, padding=pad)
+        return grad_x, grad_skew, None
+
+
+class SOC(nn.Module):
+    """Skew orthogonal convolution, 1-Lipschitz up to a Taylor truncation error that
+    :meth:`lipschitz_bound` accounts for.
+
+    Args:
+        in_channels, out_channels: channels of the input and output.
+        kernel_size: odd filter size (1 or 3 in LipConvnets).
+        stride: 1, or 2 by an invertible space-to-depth rearrangement (``pixel_unshuffle``).
+        bias: add a learnable bias after the orthogonal map (does not change the Lipschitz constant).
+        train_terms, eval_terms: number of Taylor terms K in training and in evaluation.
+        init_iters, update_iters: power-iteration steps for the norm scaling at construction and
+            per training forward.
+        backward: ``"fast"`` (the paper's one-weight-gradient backward) or ``"exact"`` (autograd).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        bias: bool = True,
+        train_terms: int = 6,
+        eval_terms: int = 15,
+        init_iters: int = 50,
+        update_iters: int = 1,
+        backward: str = "fast",
+    ) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ConfigError(f"SOC needs an odd kernel size, got {kernel_size}")
+        if stride not in (1, 2):
+            raise ConfigError(f"SOC supports stride 1 or 2, got {stride}")
+        if backward not in ("fast", "exact"):
+            raise ConfigError(f"backward must be 'fast' or 'exact', got {backward!r}")
+        if train_terms < 2 or eval_terms < 2:
+            raise ConfigError("SOC needs at least 2 Taylor terms")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.train_terms = train_terms
+        self.eval_terms = eval_terms
+        self.update_iters = update_iters
+        self.backward_mode = backward
+        self.in_channels_eff = in_channels * stride * stride
+        self.channels = max(out_channels, self.in_channels_eff)
+        m, k = self.channels, kernel_size
+        self.weight = nn.Parameter(torch.randn(m, m, k, k) / math.sqrt(m))
+        if bias:
+            self.bias = nn.Parameter((torch.rand(out_channels) * 2 - 1) / math.sqrt(m))
+        else:
+            self.register_parameter("bias", None)
+        # Singular-vector estimates of the four reshapings of the filter (the "fantastic four"
+        # of Singla & Feizi 2021), tracked across training steps by power iteration.
+        shapes = {
+            "u1": (1, m, 1, k), "v1": (m, 1, k, 1),
+            "u2": (1, m, k, 1), "v2": (m, 1, 1, k),
+            "u3": (1, m, k, k), "v3": (m, 1, 1, 1),
+            "u4": (m, 1, k, k), "v4": (1, m, 1, 1),
+        }
+        for name, shape in shapes.items():
+            self.register_buffer(name, _l2_normalize(torch.randn(shape)))
+        self.power_iteration(init_iters)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, terms={self.train_terms}/{self.eval_terms}, "
+            f"backward={self.backward_mode}, bias={self.bias is not None}"
+        )
+
+    def raw_skew(self) -> torch.Tensor:
+        """The unscaled skew filter ``(W - W^T) / 2``."""
+        return 0.5 * (self.weight - transpose_filter(self.weight))
+
+    @torch.no_grad()
+    def power_iteration(self, iters: int) -> None:
+        """Refresh the singular-vector estimates of the four filter reshapings."""
+        a = self.raw_skew()
+        for _ in range(iters):
+            self.v1.copy_(_l2_normalize((a * self.u1).sum((1, 3), keepdim=True)))
+            self.u1.copy_(_l2_normalize((a * self.v1).sum((0, 2), keepdim=True)))
+            self.v2.copy_(_l2_normalize((a * self.u2).sum((1, 2), keepdim=True)))
+            self.u2.copy_(_l2_normalize((a * self.v2).sum((0, 3), keepdim=True)))
+            self.v3.copy_(_l2_normalize((a * self.u3).sum((1, 2, 3), keepdim=True)))
+            self.u3.copy_(_l2_normalize((a * self.v3).sum(0, keepdim=True)))
+            self.v4.copy_(_l2_normalize((a * self.u4).sum((0, 2, 3), keepdim=True)))
+            self.u4.copy_(_l2_normalize((a * self.v4).sum(1, keepdim=True)))
+
+    def skew_filter(self) -> torch.Tensor:
+        """The scaled skew filter used by the forward pass (differentiable in the weight).
+
+        The skew filter is divided by the smallest of the four power-iteration norm estimates, so
+        the Taylor series converges fast. This scaling is a heuristic for speed only; soundness
+        rests on :meth:`skew_norm_bound`, which is computed from the scaled filter itself.
+        """
+        a = self.raw_skew()
+        sigmas = torch.stack([
+            (a * self.u1 * self.v1).sum(), (a * self.u2 * self.v2).sum(),
+            (a * self.u3 * self.v3).sum(), (a * self.u4 * self.v4).sum(),
+        ])
+        return a / sigmas.abs().min().clamp_min(1e-12)
+
+    @property
+    def terms(self) -> int:
+        return self.train_terms if self.training else self.eval_terms
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.pixel_unshuffle(x, self.stride)
+        if self.channels > x.shape[1]:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.channels - x.shape[1]))
+        return x
+
+    def _finish_output(self, y: torch.Tensor) -> torch.Tensor:
+        if self.out_channels < self.channels:
+            y = y[:, : self.out_channels]
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.update_iters > 0:
+            self.power_iteration(self.update_iters)
+        skew = self.skew_filter().to(x.dtype)
+        x = self._prepare_input(x)
+        if self.training and self.backward_mode == "fast" and torch.is_grad_enabled():
+            y = _FastSOC.apply(x, skew, self.terms)
+        else:
+            y = taylor_series(x, skew, self.terms)
+        return self._finish_output(y)
+
+    # ---- sound bounds -------------------------------------------------------------------------
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Spatial output size for a spatial input size."""
+        h, w = size
+        if h % self.stride or w % self.stride:
+            raise ConfigError(f"SOC with stride {self.stride} needs even spatial sizes, got {size}")
+        return h // self.stride, w // self.stride
+
+    @torch.no_grad()
+    def skew_norm_bound(self, input_size: tuple[int, int] | None = None) -> float:
+        """A rigorous upper bound on ||conv_A||_2 for the scaled skew filter A used in evaluation.
+
+        With the spatial input size known, the zero-padded convolution on an n x n map is a
+        compression of the circular convolution on an N x N map, N = n + k - 1, whose norm is
+        exactly the largest spectral norm of the filter's 2-D DFT blocks (one M x M matrix per
+        frequency). Those blocks are skew-Hermitian, so their norm is the largest |eigenvalue| of a
+        Hermitian matrix (``eigvalsh``), plus the Frobenius norm of any rounding asymmetry (Weyl).
+        Without a size, the triangle inequality over the filter taps gives a size-free bound.
+        All in float64, then inflated by :data:`FLOAT64_SLACK`.
+        """
+        a = self.skew_filter().detach().to(torch.float64)
+        m, k = a.shape[0], a.shape[-1]
+        if k == 1:
+            return _real_matrix_norm_bound(a[:, :, 0, 0])
+        if input_size is None:
+            taps = a.permute(2, 3, 0, 1).reshape(k * k, m, m)
+            return float(torch.linalg.matrix_norm(taps, ord=2).sum()) * (1 + FLOAT64_SLACK)
+        h, w = self.output_size(input_size)
+        n_h, n_w = h + k - 1, w + k - 1
+        # Centre tap at index 0 so that each DFT block is exactly skew-Hermitian (a phase factor
+        # would not change the norm but would break the Hermitian computation). Blocks at -omega
+        # are the conjugates of those at omega, with the same norm, so rfft2's half suffices.
+        padded = torch.zeros(m, m, n_h, n_w, dtype=a.dtype, device=a.device)
+        padded[:, :, :k, :k] = a
+        padded = torch.roll(padded, shifts=(-(k // 2), -(k // 2)), dims=(2, 3))
+        spec = torch.fft.rfft2(padded)  # (M, M, N, N // 2 + 1) complex128
+        mats = spec.permute(2, 3, 0, 1).reshape(-1, m, m)
+        herm = 1j * mats
+        sym = 0.5 * (herm + herm.conj().transpose(-1, -2))
+        asym = 0.5 * (herm - herm.conj().transpose(-1, -2))
+        # Weyl: ||herm|| <= ||sym|| + ||asym||_F; asym is rounding noise only.
+        eig = torch.linalg.eigvalsh(sym).abs().amax(dim=-1)
+        extra = torch.linalg.matrix_norm(asym, ord="fro")
+        return float((eig + extra).max()) * (1 + FLOAT64_SLACK)
+
+    def lipschitz_bound(self, input_size: tuple[int, int] | None = None) -> float:
+        """Rigorous upper bound on the layer's l2 Lipschitz constant in evaluation mode.
+
+        ``T_{K-1}(A) = exp(A) - R_K`` with ``||exp(A)|| = 1`` (A skew) and, by the integral form of
+        the Taylor remainder with ``||exp(tA)|| = 1``, ``||R_K|| <= a^K / K!`` for any ``a >=
+        ||A||``. Channel padding/slicing and space-to-depth do not increase the norm.
+        """
+        a = self.skew_norm_bound(input_size)
+        k = self.eval_terms
+        return 1.0 + a**k / math.factorial(k)
