@@ -76,3 +76,72 @@ def pairwise_radius(logits: torch.Tensor, feature_lipschitz: float, row_distance
 def certified_mask(radius: torch.Tensor, correct: torch.Tensor, eps: float) -> torch.Tensor:
     """Certified at eps: correctly classified and radius strictly greater than eps."""
     return correct & (radius > eps)
+
+
+CERTIFICATE_METHODS = ("auto", "global", "pairwise", "curvature")
+
+
+class Certifier:
+    """Certified radii for one model: the bounds are computed once, then each batch costs one
+    evaluation forward pass.
+
+    Args:
+        model: a lipcert model (``lipschitz_bound()``, ``head_kind``), or any callable model when
+            ``lipschitz`` is given.
+        method: ``auto`` picks the tightest sound certificate for the head (pairwise for LLN,
+            curvature for MLP, global otherwise); ``global``, ``pairwise`` or ``curvature`` force one.
+        lipschitz: a user-supplied Lipschitz bound of the whole model, for models that are not
+            1-Lipschitz by construction; reports then say the bound is user-supplied.
+    """
+
+    def __init__(self, model, method: str = "auto", lipschitz: float | None = None) -> None:
+        if method not in CERTIFICATE_METHODS:
+            raise ConfigError(f"unknown certificate {method!r}; choose from {CERTIFICATE_METHODS}")
+        self.model = model
+        head = getattr(model, "head_kind", None)
+        if lipschitz is not None:
+            if method not in ("auto", "global"):
+                raise ConfigError("a user-supplied Lipschitz bound only supports the global certificate")
+            if not (lipschitz > 0 and math.isfinite(lipschitz)):
+                raise ConfigError(f"--lipschitz must be positive and finite, got {lipschitz}")
+            self.method, self.lipschitz, self.bound_source = "global", float(lipschitz), "user-supplied"
+            return
+        if method == "auto":
+            method = {"lln": "pairwise", "mlp": "curvature"}.get(head, "global")
+        if method == "pairwise" and head != "lln":
+            raise ConfigError(f"the pairwise certificate needs an LLN head; this model's head is {head!r}")
+        if method == "curvature" and head != "mlp":
+            raise ConfigError(f"the curvature certificate needs an MLP head; this model's head is {head!r}")
+        if method == "global" and head == "mlp":
+            raise ConfigError("an MLP head has no global Lipschitz bound; use the curvature certificate")
+        from .lipschitz import upper_bound
+
+        self.method = method
+        self.bound_source = getattr(model, "bound_source", "computed from the weights")
+        if method == "global":
+            self.lipschitz = upper_bound(model)
+        else:
+            self.lipschitz = None
+            self.feature_lipschitz = float(model.feature_lipschitz_bound())
+            if method == "pairwise":
+                self.row_distances = model.head.pairwise_row_distances()
+            else:
+                self.curvature = model.head.curvature_certifier(self.feature_lipschitz)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, predictions, margins (float64) and certified radii (float64) of a batch."""
+        if self.method == "curvature":
+            feats = self.model.features(x)
+            logits = self.model.head(feats)
+            radius = self.curvature(feats, logits)
+        else:
+            logits = self.model(x)
+            if self.method == "global":
+                radius = global_radius(logits, self.lipschitz)
+            else:
+                radius = pairwise_radius(logits, self.feature_lipschitz, self.row_distances)
+        pred, margin = predictions_and_margins(logits)
+        if not torch.isfinite(logits).all():
+            raise ConfigError("the model produced non-finite logits; refusing to certify")
+        return logits, pred, margin, radius

@@ -183,3 +183,13 @@ def _maybe_json(value: str) -> Any:
         return json.loads(value)
     except (json.JSONDecodeError, TypeError):
         return value
+
+
+def load_any(path: str | os.PathLike, device: str | torch.device = "cpu", allow_pickle: bool = False):
+    """Load any model file lipcert can certify: a ``.safetensors`` checkpoint (training or baked),
+    or an exported ``.onnx`` model (run by onnxruntime, with the bound stored at export time)."""
+    if Path(path).suffix.lower() == ".onnx":
+        from .export import load_onnx_model  # needs the `export` extra
+
+        return load_onnx_model(path, device=device)
+    return load(path, device=device, allow_pickle=allow_pickle)
