@@ -52,6 +52,45 @@ def taylor_series(x: torch.Tensor, skew: torch.Tensor, terms: int) -> torch.Tens
     return y
 
 
+@torch.no_grad()
+def skew_conv_norm_bound(skew: torch.Tensor, size: tuple[int, int] | None = None) -> float:
+    """A rigorous upper bound on the l2 operator norm of the zero-padded "same" convolution by
+    the skew filter ``skew`` (M, M, k, k) on an (h, w) = ``size`` feature map.
+
+    The zero-padded convolution on an h x w map is a compression of the circular convolution on
+    an (h + k - 1) x (w + k - 1) map, whose norm is exactly the largest spectral norm of the
+    filter's 2-D DFT blocks (one M x M matrix per frequency). Those blocks are skew-Hermitian, so
+    their norm is the largest |eigenvalue| of a Hermitian matrix (``eigvalsh``), plus the Frobenius
+    norm of any rounding asymmetry (Weyl). A 1x1 filter is a plain matrix. Without a size, the
+    triangle inequality over the taps gives a size-free bound. All in float64, then inflated by
+    :data:`FLOAT64_SLACK`.
+    """
+    a = skew.detach().to(torch.float64)
+    m, k = a.shape[0], a.shape[-1]
+    if k == 1:
+        return _real_matrix_norm_bound(a[:, :, 0, 0])
+    if size is None:
+        taps = a.permute(2, 3, 0, 1).reshape(k * k, m, m)
+        return float(torch.linalg.matrix_norm(taps, ord=2).sum()) * (1 + FLOAT64_SLACK)
+    h, w = size
+    n_h, n_w = h + k - 1, w + k - 1
+    # Centre tap at index 0 so that each DFT block is exactly skew-Hermitian (a phase factor
+    # would not change the norm but would break the Hermitian computation). Blocks at -omega
+    # are the conjugates of those at omega, with the same norm, so rfft2's half suffices.
+    padded = torch.zeros(m, m, n_h, n_w, dtype=a.dtype, device=a.device)
+    padded[:, :, :k, :k] = a
+    padded = torch.roll(padded, shifts=(-(k // 2), -(k // 2)), dims=(2, 3))
+    spec = torch.fft.rfft2(padded)  # (M, M, N, N // 2 + 1) complex128
+    mats = spec.permute(2, 3, 0, 1).reshape(-1, m, m)
+    herm = 1j * mats
+    sym = 0.5 * (herm + herm.conj().transpose(-1, -2))
+    asym = 0.5 * (herm - herm.conj().transpose(-1, -2))
+    # Weyl: ||herm|| <= ||sym|| + ||asym||_F; asym is rounding noise only.
+    eig = torch.linalg.eigvalsh(sym).abs().amax(dim=-1)
+    extra = torch.linalg.matrix_norm(asym, ord="fro")
+    return float((eig + extra).max()) * (1 + FLOAT64_SLACK)
+
+
 class _FastSOC(torch.autograd.Function):
     """Taylor series of exp(conv_A) with the paper's low-memory backward (NeurIPS 2022, tech. b).
 
@@ -233,40 +272,10 @@ class SOC(nn.Module):
 
     @torch.no_grad()
     def skew_norm_bound(self, input_size: tuple[int, int] | None = None) -> float:
-        """A rigorous upper bound on ||conv_A||_2 for the scaled skew filter A used in evaluation.
-
-        With the spatial input size known, the zero-padded convolution on an n x n map is a
-        compression of the circular convolution on an N x N map, N = n + k - 1, whose norm is
-        exactly the largest spectral norm of the filter's 2-D DFT blocks (one M x M matrix per
-        frequency). Those blocks are skew-Hermitian, so their norm is the largest |eigenvalue| of a
-        Hermitian matrix (``eigvalsh``), plus the Frobenius norm of any rounding asymmetry (Weyl).
-        Without a size, the triangle inequality over the filter taps gives a size-free bound.
-        All in float64, then inflated by :data:`FLOAT64_SLACK`.
-        """
-        a = self.skew_filter().detach().to(torch.float64)
-        m, k = a.shape[0], a.shape[-1]
-        if k == 1:
-            return _real_matrix_norm_bound(a[:, :, 0, 0])
-        if input_size is None:
-            taps = a.permute(2, 3, 0, 1).reshape(k * k, m, m)
-            return float(torch.linalg.matrix_norm(taps, ord=2).sum()) * (1 + FLOAT64_SLACK)
-        h, w = self.output_size(input_size)
-        n_h, n_w = h + k - 1, w + k - 1
-        # Centre tap at index 0 so that each DFT block is exactly skew-Hermitian (a phase factor
-        # would not change the norm but would break the Hermitian computation). Blocks at -omega
-        # are the conjugates of those at omega, with the same norm, so rfft2's half suffices.
-        padded = torch.zeros(m, m, n_h, n_w, dtype=a.dtype, device=a.device)
-        padded[:, :, :k, :k] = a
-        padded = torch.roll(padded, shifts=(-(k // 2), -(k // 2)), dims=(2, 3))
-        spec = torch.fft.rfft2(padded)  # (M, M, N, N // 2 + 1) complex128
-        mats = spec.permute(2, 3, 0, 1).reshape(-1, m, m)
-        herm = 1j * mats
-        sym = 0.5 * (herm + herm.conj().transpose(-1, -2))
-        asym = 0.5 * (herm - herm.conj().transpose(-1, -2))
-        # Weyl: ||herm|| <= ||sym|| + ||asym||_F; asym is rounding noise only.
-        eig = torch.linalg.eigvalsh(sym).abs().amax(dim=-1)
-        extra = torch.linalg.matrix_norm(asym, ord="fro")
-        return float((eig + extra).max()) * (1 + FLOAT64_SLACK)
+        """A rigorous upper bound on ||conv_A||_2 for the scaled skew filter A used in evaluation
+        (see :func:`skew_conv_norm_bound`), on this layer's feature map after space-to-depth."""
+        size = None if input_size is None else self.output_size(input_size)
+        return skew_conv_norm_bound(self.skew_filter().detach(), size)
 
     def lipschitz_bound(self, input_size: tuple[int, int] | None = None) -> float:
         """Rigorous upper bound on the layer's l2 Lipschitz constant in evaluation mode.
