@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny models and throwaway run folders, small enough for 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory for a small seeded LipConvnet (``lipconvnet5`` at width 4 by default, ~260k
+    parameters); keyword arguments go to ``create_model``."""
+    from certify.models import create_model
+
+    def make(name: str = "lipconvnet5", seed: int = 0, **kwargs):
+        kwargs.setdefault("width", 4)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return create_model(name, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A path for a training run folder that does not exist yet."""
+    return tmp_path / "run"
