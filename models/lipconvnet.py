@@ -235,3 +235,61 @@ def lipconvnet35(**kwargs) -> LipConvNet:
 def lipconvnet40(**kwargs) -> LipConvNet:
     """LipConvnet-40: eight SOC layers per block."""
     return _create_lipconvnet(40, **kwargs)
+
+
+# ---- the MLP head with the curvature certificate (CRC-Lip, NeurIPS 2022; issue 7) ---------------
+
+
+def _create_lipconvnet_mlp(depth: int, **kwargs) -> LipConvNet:
+    head = kwargs.pop("head", "mlp")
+    if head != "mlp":
+        raise ConfigError(f"lipconvnet{depth}_mlp has the MLP head; got head={head!r} (use lipconvnet{depth})")
+    return _create_lipconvnet(depth, head="mlp", **kwargs)
+
+
+@register_model
+def lipconvnet5_mlp(**kwargs) -> LipConvNet:
+    """LipConvnet-5 with the MLP head certified by curvature (CRC-Lip)."""
+    return _create_lipconvnet_mlp(5, **kwargs)
+
+
+@register_model
+def lipconvnet10_mlp(**kwargs) -> LipConvNet:
+    """LipConvnet-10 with the MLP head certified by curvature (CRC-Lip)."""
+    return _create_lipconvnet_mlp(10, **kwargs)
+
+
+@register_model
+def lipconvnet15_mlp(**kwargs) -> LipConvNet:
+    """LipConvnet-15 with the MLP head: the paper's best CRC-Lip model (79.4% clean, 67.0% at 36/255)."""
+    return _create_lipconvnet_mlp(15, **kwargs)
+
+
+@register_model
+def lipconvnet20_mlp(**kwargs) -> LipConvNet:
+    """LipConvnet-20 with the MLP head certified by curvature (CRC-Lip)."""
+    return _create_lipconvnet_mlp(20, **kwargs)
+
+
+@register_model
+def lipconvnet25_mlp(**kwargs) -> LipConvNet:
+    """LipConvnet-25 with the MLP head certified by curvature (CRC-Lip)."""
+    return _create_lipconvnet_mlp(25, **kwargs)
+
+
+@register_model
+def lipconvnet30_mlp(**kwargs) -> LipConvNet:
+    """LipConvnet-30 with the MLP head certified by curvature (CRC-Lip)."""
+    return _create_lipconvnet_mlp(30, **kwargs)
+
+
+@register_model
+def lipconvnet35_mlp(**kwargs) -> LipConvNet:
+    """LipConvnet-35 with the MLP head certified by curvature (CRC-Lip)."""
+    return _create_lipconvnet_mlp(35, **kwargs)
+
+
+@register_model
+def lipconvnet40_mlp(**kwargs) -> LipConvNet:
+    """LipConvnet-40 with the MLP head certified by curvature (CRC-Lip)."""
+    return _create_lipconvnet_mlp(40, **kwargs)
