@@ -12,12 +12,14 @@ linear operator, so ``exp(conv_A)`` is exactly orthogonal.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .expm import chebyshev_apply, chebyshev_coefficients, chebyshev_error, choose_terms, taylor_error
 
 # Relative slack added to every float64 norm computation, far above its rounding error (about
 # 1e-13 for the sizes used here), so that a bound stays an upper bound after rounding.
@@ -128,6 +130,25 @@ class _FastSOC(torch.autograd.Function):
         return grad_x, grad_skew, None
 
 
+@dataclass
+class _EvalPlan:
+    """Input-independent tensors of a SOC layer's fast evaluation, and their sound bound."""
+
+    kind: str  # "chebyshev" (filter S, coefficients) or "matrix" (the whole 1x1 operator)
+    tensor: torch.Tensor
+    coeffs: list[float] | None
+    bound: float
+    terms: int
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "matrix":
+            if x.shape[1] > self.tensor.shape[1]:  # drop the zero channels that padding added
+                x = x[:, : self.tensor.shape[1]]
+            return F.conv2d(x, self.tensor[:, :, None, None])
+        pad = self.tensor.shape[-1] // 2
+        return chebyshev_apply(x, lambda v: F.conv2d(v, self.tensor, padding=pad), self.coeffs)
+
+
 class SOC(nn.Module):
     """Skew orthogonal convolution, 1-Lipschitz up to a Taylor truncation error that
     :meth:`lipschitz_bound` accounts for.
@@ -141,6 +162,12 @@ class SOC(nn.Module):
         init_iters, update_iters: power-iteration steps for the norm scaling at construction and
             per training forward.
         backward: ``"fast"`` (the paper's one-weight-gradient backward) or ``"exact"`` (autograd).
+        eval_mode: ``"taylor"`` evaluates the paper's fixed ``eval_terms``-term Taylor series;
+            ``"fast"`` caches everything that does not depend on the input and evaluates a
+            Chebyshev expansion whose degree is chosen per layer from the sound norm bound so
+            that the truncation error stays below ``eval_tol`` (1x1 layers become one matrix).
+            See :mod:`certify.expm`. Both are certified with their own rigorous bound.
+        eval_tol: error tolerance of the ``"fast"`` evaluation (relative to ||exp(A)|| = 1).
     """
 
     def __init__(
@@ -155,6 +182,8 @@ class SOC(nn.Module):
         init_iters: int = 50,
         update_iters: int = 1,
         backward: str = "fast",
+        eval_mode: str = "taylor",
+        eval_tol: float = 1e-6,
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
@@ -165,6 +194,13 @@ class SOC(nn.Module):
             raise ConfigError(f"backward must be 'fast' or 'exact', got {backward!r}")
         if train_terms < 2 or eval_terms < 2:
             raise ConfigError("SOC needs at least 2 Taylor terms")
+        if eval_mode not in ("taylor", "fast"):
+            raise ConfigError(f"eval_mode must be 'taylor' or 'fast', got {eval_mode!r}")
+        if not 0 < eval_tol < 0.1:
+            raise ConfigError(f"eval_tol must be in (0, 0.1), got {eval_tol}")
+        self.eval_mode, self.eval_tol = eval_mode, eval_tol
+        self._plan: _EvalPlan | None = None
+        self._plan_key: tuple | None = None
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -197,7 +233,7 @@ class SOC(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, terms={self.train_terms}/{self.eval_terms}, "
-            f"backward={self.backward_mode}, bias={self.bias is not None}"
+            f"backward={self.backward_mode}, eval={self.eval_mode}, bias={self.bias is not None}"
         )
 
     def raw_skew(self) -> torch.Tensor:
@@ -226,9 +262,12 @@ class SOC(nn.Module):
         rests on :meth:`skew_norm_bound`, which is computed from the scaled filter itself.
         """
         a = self.raw_skew()
+        # (u * v) first: a fresh tensor is saved for backward, not the buffers themselves, which
+        # the next training forward's power iteration updates in place (two forwards before one
+        # backward would otherwise fail with "modified by an inplace operation").
         sigmas = torch.stack([
-            (a * self.u1 * self.v1).sum(), (a * self.u2 * self.v2).sum(),
-            (a * self.u3 * self.v3).sum(), (a * self.u4 * self.v4).sum(),
+            (a * (self.u1 * self.v1)).sum(), (a * (self.u2 * self.v2)).sum(),
+            (a * (self.u3 * self.v3)).sum(), (a * (self.u4 * self.v4)).sum(),
         ])
         return a / sigmas.abs().min().clamp_min(1e-12)
 
@@ -251,6 +290,9 @@ class SOC(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.eval_mode == "fast":
+            plan = self.eval_plan(tuple(x.shape[-2:]), x.device, x.dtype)
+            return self._finish_output(plan.apply(self._prepare_input(x)))
         if self.training and self.update_iters > 0:
             self.power_iteration(self.update_iters)
         skew = self.skew_filter().to(x.dtype)
@@ -284,6 +326,52 @@ class SOC(nn.Module):
         the Taylor remainder with ``||exp(tA)|| = 1``, ``||R_K|| <= a^K / K!`` for any ``a >=
         ||A||``. Channel padding/slicing and space-to-depth do not increase the norm.
         """
+        if self.eval_mode == "fast":
+            if input_size is None:
+                raise ConfigError("the fast evaluation path needs the layer's input size for its bound")
+            return self.eval_plan(tuple(input_size), self.weight.device, self.weight.dtype).bound
         a = self.skew_norm_bound(input_size)
-        k = self.eval_terms
-        return 1.0 + a**k / math.factorial(k)
+        return 1.0 + taylor_error(a, self.eval_terms)
+
+    def _plan_state(self) -> tuple:
+        # In-place updates (optimizer steps, load_state_dict, power iteration) bump _version.
+        return (self.weight._version, self.weight.data_ptr(), self.u1._version, self.u2._version,
+                self.u3._version, self.u4._version)
+
+    @torch.no_grad()
+    def eval_plan(self, input_size: tuple[int, int], device, dtype) -> "_EvalPlan":
+        """The cached input-independent part of the ``"fast"`` evaluation, with its sound bound.
+
+        Built once per weights/size/device/dtype: the scaled skew filter S = A / a' with
+        a' = a (1 + 1e-4) slightly above the sound bound a >= ||A|| (so that the rounded S still
+        has norm <= 1), the Chebyshev coefficients of exp(a' S) of the lowest degree whose error
+        bound is below ``eval_tol``, and for 1x1 filters the whole operator as one matrix.
+        """
+        key = (self._plan_state(), tuple(input_size), str(device), dtype)
+        if self._plan is not None and self._plan_key == key:
+            return self._plan
+        size = self.output_size(input_size)
+        skew = self.skew_filter().detach()
+        a = skew_conv_norm_bound(skew, size)
+        a_used = a * (1 + 1e-4)
+        s_filter = (skew / a_used).to(device=device, dtype=dtype)
+        # ||S|| <= a / a' + ||fl(A/a') - A/a'||, the rounding term bounded tap by tap (Frobenius).
+        unit = torch.finfo(dtype).eps
+        rounding = unit * float(s_filter.double().square().sum(dim=(0, 1)).sqrt().sum())
+        if a / a_used + rounding > 1.0:
+            raise ArithmeticError("rounding pushed the scaled skew filter outside the unit ball")
+        terms = choose_terms(a_used, self.eval_tol, "chebyshev")
+        coeffs = chebyshev_coefficients(a_used, terms)
+        if self.kernel_size == 1:
+            s64 = s_filter.double()[:, :, 0, 0]
+            eye = torch.eye(self.channels, dtype=torch.float64, device=device)
+            q64 = chebyshev_apply(eye, lambda v: s64 @ v, coeffs)
+            q = q64[: self.out_channels].to(dtype)  # rows kept: channel slicing folded in
+            if self.channels > self.in_channels_eff:  # zero-padded input channels never used
+                q = q[:, : self.in_channels_eff]
+            plan = _EvalPlan("matrix", q.contiguous(), None, _real_matrix_norm_bound(q.double()), terms)
+        else:
+            bound = 1.0 + chebyshev_error(a_used, terms)
+            plan = _EvalPlan("chebyshev", s_filter.contiguous(), coeffs, bound, terms)
+        self._plan, self._plan_key = plan, key
+        return plan

@@ -66,6 +66,8 @@ class LipConvNet(nn.Module):
         train_terms: int = 6,
         eval_terms: int = 15,
         backward: str = "fast",
+        eval_mode: str = "taylor",
+        eval_tol: float = 1e-6,
         mlp_hidden: int = 4096,
         mlp_beta: float = 1.0,
     ) -> None:
@@ -90,7 +92,8 @@ class LipConvNet(nn.Module):
         h, w = self.input_shape[1:]
         self.padded_size = (-(-h // 32) * 32, -(-w // 32) * 32)
 
-        soc_kw = dict(train_terms=train_terms, eval_terms=eval_terms, backward=backward)
+        soc_kw = dict(train_terms=train_terms, eval_terms=eval_terms, backward=backward,
+                      eval_mode=eval_mode, eval_tol=eval_tol)
         b = depth // 5
         self.normalize = Normalize(self.mean, self.std)
 
