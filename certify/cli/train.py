@@ -1,0 +1,221 @@
+"""``lipcert train`` and ``lipcert demo``: thin layers over :func:`certify.train.train`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from ._common import err_console, handle_errors, out_console
+
+_ACTIVATIONS = ("maxmin", "hh1", "hh2")
+_POOLINGS = ("max", "lip")
+_HEADS = ("ortho", "lln", "mlp")
+
+#: The demo's model and recipe: small enough for about a minute on 2 CPU cores.
+DEMO_CONFIG = dict(model="lipconvnet5", width=8, dataset="synthetic", synthetic_size=3000, batch_size=64,
+                   lr=0.1, schedule="cosine", loss="offset", power_iters=50)
+DEMO_EPOCHS = 8
+
+
+def _model_options(f):
+    opts = [
+        click.option("--model", default="lipconvnet5", show_default=True, help="Registered model (see `lipcert models`)."),
+        click.option("--width", type=click.IntRange(min=2), default=None, help="Base channel width (paper: 32)."),
+        click.option("--activation", type=click.Choice(_ACTIVATIONS), default=None, help="Activation (default maxmin)."),
+        click.option("--pooling", type=click.Choice(_POOLINGS), default=None, help="Channel pooling (default max)."),
+        click.option("--head", type=click.Choice(_HEADS), default=None, help="Last layer (default ortho)."),
+        click.option("--train-terms", type=click.IntRange(min=2), default=None, help="SOC Taylor terms in training (default 6)."),
+        click.option("--eval-terms", type=click.IntRange(min=2), default=None, help="SOC Taylor terms in evaluation (default 15)."),
+        click.option("--backward", type=click.Choice(["fast", "exact"]), default=None,
+                     help="SOC backward: the paper's fast approximate filter gradient, or exact autograd."),
+        click.option("--mlp-hidden", type=click.IntRange(min=1), default=None, help="MLP head hidden size (--head mlp)."),
+        click.option("--mlp-beta", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="MLP head curvature regulariser weight (--head mlp)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@click.command()
+@_model_options
+@click.option("--dataset", default="synthetic", show_default=True,
+              help="cifar10, cifar100, mnist, fashion-mnist, imagefolder or synthetic.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of the torchvision datasets (default $LIPCERT_DATA_DIR or ~/.cache/lipcert/data), "
+                   "or the image folder itself for --dataset imagefolder.")
+@click.option("--download", is_flag=True, help="Download a missing torchvision dataset.")
+@click.option("--val-split", type=click.FloatRange(min=0), default=None,
+              help="Validation images carved from the training set: a count, or a fraction < 1 "
+                   "(default min(5000, 10%)); 0 trains on everything and skips validation.")
+@click.option("--data-seed", type=int, default=0, show_default=True,
+              help="Seed of the train/validation split (and of the synthetic images).")
+@click.option("--synthetic-size", type=click.IntRange(min=10), default=None,
+              help="Images in the synthetic dataset (default 4000).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many training (and validation) images.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Random crop (padding 4) and horizontal flip where the dataset allows it.")
+@click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Global batch size (split across processes under torchrun).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
+              help="Weight decay, on SOC filters only unless --decay-all.")
+@click.option("--decay-all", is_flag=True, help="Apply weight decay to every parameter.")
+@click.option("--schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True,
+              help="step: lr x0.1 at 50% and 75% of the iterations (the paper); cosine: to 0.")
+@click.option("--loss", type=click.Choice(["ce", "cr", "offset"]), default="ce", show_default=True,
+              help="ce: cross-entropy; cr: CE - gamma*mean(relu(radius)); offset: CE with the true logit lowered by --offset.")
+@click.option("--gamma", type=click.FloatRange(min=0), default=0.5, show_default=True, help="CR weight (--loss cr).")
+@click.option("--offset", type=click.FloatRange(min=0), default=None,
+              help="Logit offset for --loss offset (default sqrt(2)/min(std)*36/255, the margin certifying 36/255).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Logits are divided by this before the softmax.")
+@click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=None, help="Clip the gradient norm.")
+@click.option("--amp", is_flag=True, help="bfloat16 autocast (CUDA; also allowed on CPU). Certification stays float32.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation, data order and augmentation.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Threads decoding image folders.")
+@click.option("--output", "-o", type=click.Path(), default=None,
+              help="Run folder (default runs/<model>-<dataset>-<time>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last completed epoch.")
+@click.option("--overwrite", is_flag=True, help="Start over in an existing run folder (removes lipcert's files there).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Certify the validation split every N epochs (and after the last).")
+@click.option("--power-iters", type=click.IntRange(min=0), default=50, show_default=True,
+              help="SOC power-iteration steps after each epoch.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+@handle_errors
+def train(**opts) -> None:
+    """Train a 1-Lipschitz network and write a run folder.
+
+    The run folder gets config.json, metrics.csv (per epoch: training loss and accuracy,
+    validation clean and certified accuracy at 36/255, 72/255, 108/255), model.safetensors (last
+    epoch), best.safetensors (best validation certified accuracy at 36/255) and train_state.pt
+    (for --resume). Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.
+    """
+    from certify.train import TrainConfig
+    from certify.train import train as run_training
+
+    ctx = click.get_current_context()
+    progress = opts.pop("progress")
+    if opts["resume"] and opts["overwrite"]:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    if opts["resume"]:
+        if not opts["output"]:
+            raise click.UsageError("--resume needs --output RUN_DIR")
+        # The saved config, with the options given on this command line (or in the environment).
+        given = {k: v for k, v in opts.items()
+                 if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+        cfg = TrainConfig.from_run_dir(opts["output"], **given)
+        cfg.resume, cfg.overwrite = True, False
+    else:
+        cfg = TrainConfig(**opts)
+    result = run_training(cfg, progress=progress)
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return
+    from rich.table import Table
+
+    from certify.certificates import STANDARD_EPS
+    from certify.train import EPS_COLUMNS
+
+    table = Table(title=f"lipcert train: {result.run_dir}", title_justify="left")
+    table.add_column("checkpoint")
+    table.add_column("epoch", justify="right")
+    table.add_column("clean", justify="right")
+    for e in STANDARD_EPS:
+        table.add_column(e, justify="right")
+    rows = [("model.safetensors (last)", result.last), ("best.safetensors (best at 36/255)", result.best)]
+    for label, r in rows:
+        if r is None or "val_clean_acc" not in r:
+            continue
+        table.add_row(label, str(r["epoch"]), f"{100 * r['val_clean_acc']:.2f}%",
+                      *(f"{100 * r[c]:.2f}%" for c in EPS_COLUMNS))
+    if table.row_count:
+        out_console.print(table)
+        out_console.print("Validation split of the training images; certified with the sound Lipschitz bound.",
+                          highlight=False)
+    else:
+        out_console.print(f"trained {result.epochs_completed} epochs into {result.run_dir} (no validation split)",
+                          highlight=False)
+
+
+def _fresh_dir(base: Path) -> Path:
+    """``base`` if it is absent or empty, else ``base-1``, ``base-2``, ...: never clobber."""
+    candidate, i = base, 0
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        i += 1
+        candidate = base.with_name(f"{base.name}-{i}")
+    return candidate
+
+
+@click.command()
+@click.option("--output", "-o", type=click.Path(file_okay=False), default=None,
+              help="Run folder (default ./lipcert-demo, or lipcert-demo-N if that is taken).")
+@click.option("--epochs", type=click.IntRange(min=1), default=DEMO_EPOCHS, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+@handle_errors
+def demo(output: str | None, epochs: int, seed: int, device: str, progress: bool | None) -> None:
+    """Train a small LipConvnet on the built-in synthetic dataset (about a minute on a CPU),
+    certify its validation split and print the certified-accuracy table."""
+    import torch
+
+    from certify.certificates import STANDARD_EPS, parse_eps
+    from certify.checkpoint import load
+    from certify.errors import RunFolderError
+    from certify.train import TrainConfig, load_data
+    from certify.train import train as run_training
+
+    run_dir = Path(output) if output else _fresh_dir(Path("lipcert-demo"))
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise RunFolderError(f"demo output {run_dir} already has files; pick another --output")
+    cfg = TrainConfig(**DEMO_CONFIG, epochs=epochs, seed=seed, device=device, output=str(run_dir))
+    err_console.print(f"lipcert demo: training {cfg.model} (width {cfg.width}) on the synthetic dataset "
+                      f"for {epochs} epochs into {run_dir}", highlight=False)
+    t0 = time.perf_counter()
+    result = run_training(cfg, progress=progress)
+    train_s = time.perf_counter() - t0
+
+    # Certify the best checkpoint as a user would: load it from disk, recompute the bound.
+    from certify.certificates import Certifier
+
+    model = load(run_dir / "best.safetensors", device=result.model.parameters().__next__().device)
+    _, val = load_data(cfg)
+    certifier = Certifier(model)
+    x, y = val.images, val.labels
+    dev = next(model.parameters()).device
+    correct = torch.zeros(0, dtype=torch.bool)
+    radii = torch.zeros(0, dtype=torch.float64)
+    for s in range(0, len(y), 256):
+        _, pred, _, r = certifier((x[s:s + 256].float() / 255).to(dev))
+        correct = torch.cat([correct, (pred.cpu() == y[s:s + 256])])
+        radii = torch.cat([radii, r.cpu()])
+    from rich.table import Table
+
+    table = Table(title=f"lipcert demo: {len(y)} validation images (synthetic), "
+                        f"Lipschitz bound {certifier.lipschitz:.4f}", title_justify="left")
+    table.add_column("")
+    table.add_column("clean", justify="right")
+    for e in STANDARD_EPS:
+        table.add_column(e, justify="right")
+    cells = [f"{100 * float(correct.double().mean()):.1f}%"]
+    cells += [f"{100 * float((correct & (radii > parse_eps(e))).double().mean()):.1f}%" for e in STANDARD_EPS]
+    table.add_row("accuracy", *cells)
+    out_console.print(table)
+    out_console.print(f"trained in {train_s:.0f}s; checkpoint {run_dir / 'best.safetensors'} "
+                      f"(epoch {model.checkpoint_metadata.get('epoch')}), metrics {run_dir / 'metrics.csv'}",
+                      highlight=False)
+
