@@ -447,6 +447,8 @@ def load_data(cfg: TrainConfig, *, input_shape=None) -> tuple[ImageDataset, Imag
     kw = dict(data_dir=cfg.data_dir, download=cfg.download, val_split=cfg.val_split, seed=cfg.data_seed,
               input_shape=input_shape, limit=cfg.limit, workers=cfg.workers)
     if cfg.synthetic_size is not None:
+        if cfg.dataset != "synthetic":
+            raise ConfigError("--synthetic-size (synthetic_size) only applies to --dataset synthetic")
         kw["size"] = cfg.synthetic_size
     train_ds = load_dataset(cfg.dataset, "train", **kw)
     if train_ds.val_split == 0:

@@ -144,11 +144,9 @@ def _print_summary(result) -> None:
                       *(f"{100 * r[c]:.2f}%" for c in EPS_COLUMNS))
     if table.row_count:
         out_console.print(table)
-        out_console.print("Validation split of the training images; certified with the sound Lipschitz bound.",
-                          highlight=False)
+        click.echo("Validation split of the training images; certified with the sound Lipschitz bound.")
     else:
-        out_console.print(f"trained {result.epochs_completed} epochs into {result.run_dir} (no validation split)",
-                          highlight=False)
+        click.echo(f"trained {result.epochs_completed} epoch(s) into {result.run_dir} (no validation split)")
 
 
 def _fresh_dir(base: Path) -> Path:
@@ -215,7 +213,6 @@ def demo(output: str | None, epochs: int, seed: int, device: str, progress: bool
     cells += [f"{100 * float((correct & (radii > parse_eps(e))).double().mean()):.1f}%" for e in STANDARD_EPS]
     table.add_row("accuracy", *cells)
     out_console.print(table)
-    out_console.print(f"trained in {train_s:.0f}s; checkpoint {run_dir / 'best.safetensors'} "
-                      f"(epoch {model.checkpoint_metadata.get('epoch')}), metrics {run_dir / 'metrics.csv'}",
-                      highlight=False)
+    click.echo(f"trained in {train_s:.0f}s; checkpoint {run_dir / 'best.safetensors'} "
+               f"(epoch {model.checkpoint_metadata.get('epoch')}), metrics {run_dir / 'metrics.csv'}")
 
