@@ -242,17 +242,26 @@ class SOC(nn.Module):
 
     @torch.no_grad()
     def power_iteration(self, iters: int) -> None:
-        """Refresh the singular-vector estimates of the four filter reshapings."""
+        """Refresh the singular-vector estimates of the four filter reshapings (matrix-vector
+        products on the reshaped filter: no full-size temporaries per step)."""
+        if iters <= 0:
+            return
         a = self.raw_skew()
-        for _ in range(iters):
-            self.v1.copy_(_l2_normalize((a * self.u1).sum((1, 3), keepdim=True)))
-            self.u1.copy_(_l2_normalize((a * self.v1).sum((0, 2), keepdim=True)))
-            self.v2.copy_(_l2_normalize((a * self.u2).sum((1, 2), keepdim=True)))
-            self.u2.copy_(_l2_normalize((a * self.v2).sum((0, 3), keepdim=True)))
-            self.v3.copy_(_l2_normalize((a * self.u3).sum((1, 2, 3), keepdim=True)))
-            self.u3.copy_(_l2_normalize((a * self.v3).sum(0, keepdim=True)))
-            self.v4.copy_(_l2_normalize((a * self.u4).sum((0, 2, 3), keepdim=True)))
-            self.u4.copy_(_l2_normalize((a * self.v4).sum(1, keepdim=True)))
+        m, k = self.channels, self.kernel_size
+        # (matrix, left vector over its rows, right vector over its columns)
+        pairs = (
+            (a.permute(0, 2, 1, 3).reshape(m * k, m * k), self.v1, self.u1),  # (co,kh) x (ci,kw)
+            (a.permute(0, 3, 1, 2).reshape(m * k, m * k), self.v2, self.u2),  # (co,kw) x (ci,kh)
+            (a.reshape(m, m * k * k), self.v3, self.u3),  # co x (ci,kh,kw)
+            (a.permute(0, 2, 3, 1).reshape(m * k * k, m), self.u4, self.v4),  # (co,kh,kw) x ci
+        )
+        for mat, left, right in pairs:
+            lv, rv = left.reshape(-1), right.reshape(-1)
+            for _ in range(iters):
+                lv = _l2_normalize(mat @ rv)
+                rv = _l2_normalize(mat.T @ lv)
+            left.copy_(lv.view_as(left))
+            right.copy_(rv.view_as(right))
 
     def skew_filter(self) -> torch.Tensor:
         """The scaled skew filter used by the forward pass (differentiable in the weight).
