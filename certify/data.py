@@ -197,7 +197,7 @@ def load_dataset(name: str, split: str = "val", *, data_dir: str | os.PathLike |
             that every run is validated on the same images.
         input_shape: (C, H, W) the images must have. Image folders and synthetic data are produced
             at this shape; a torchvision dataset of another shape raises :class:`DataError`.
-        limit: keep only the first ``limit`` images of the split (quick experiments).
+        limit: keep a seeded random subset of ``limit`` images of the split (quick experiments).
         size: number of images in the synthetic pool (default 4000); synthetic only.
         workers: threads for decoding image files (image folders only; 0 = one thread).
     """
@@ -258,8 +258,12 @@ def load_dataset(name: str, split: str = "val", *, data_dir: str | os.PathLike |
             train_idx, val_idx = split_indices(len(labels), n_val, seed)
             idx = train_idx if split == "train" else val_idx
             images, labels = images[idx], labels[idx]
-    if limit is not None:
-        images, labels = images[: int(limit)], labels[: int(limit)]
+    if limit is not None and int(limit) < len(labels):
+        # A seeded random subset (kept in order), not the first images: image folders list their
+        # files class by class, so a prefix would hold only the first classes.
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(int(seed) + 1))[: int(limit)]
+        keep = keep.sort().values
+        images, labels = images[keep], labels[keep]
     if len(labels) == 0:
         what = "validation split is empty (val_split=0)" if split == "val" else f"{split} split has no images"
         raise DataError(f"{key}: the {what}")
@@ -482,7 +486,24 @@ def _imagefolder(split: str, data_dir, shape: tuple[int, int, int], workers: int
     return pool, test, classes, True, str(root)
 
 
+_FOLDER_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _read_folder(folder: Path, classes: list[str], shape, workers: int):
+    """Decode every image of a class-folder tree once per process: the train and val splits (and
+    a second ``load_dataset`` call) reuse the same uint8 tensors. The cache key includes every
+    file's size and modification time, so a changed folder is decoded again."""
+    files = _list_images(folder, classes)
+    key = (str(folder.resolve()), tuple(classes), tuple(shape),
+           hashlib.blake2b(repr([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in files]).encode(),
+                           digest_size=16).hexdigest())
+    if key not in _FOLDER_CACHE:
+        _FOLDER_CACHE.clear()  # keep one folder: a CIFAR-size pool is 150 MB
+        _FOLDER_CACHE[key] = _decode_folder(files, shape, workers)
+    return _FOLDER_CACHE[key]
+
+
+def _list_images(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
     files: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         d = folder / name
@@ -490,6 +511,10 @@ def _read_folder(folder: Path, classes: list[str], shape, workers: int):
             files += [(p, label) for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     if not files:
         raise DataError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES[:3])}, ...) in its class folders")
+    return files
+
+
+def _decode_folder(files: list[tuple[Path, int]], shape, workers: int):
     images = torch.empty((len(files), *shape), dtype=torch.uint8)
 
     def decode(i: int) -> None:

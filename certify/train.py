@@ -55,8 +55,8 @@ from torch import nn
 from . import __version__
 from .certificates import STANDARD_EPS, Certifier, parse_eps
 from .checkpoint import atomic_write_bytes, save
-from .data import ImageDataset, augment_batch, load_dataset, resolve_val_split, to_float
-from .errors import ConfigError, DataError, LipcertError, RunFolderError
+from .data import ImageDataset, augment_batch, load_dataset, to_float
+from .errors import ConfigError, LipcertError, RunFolderError
 
 LOSSES = ("ce", "cr", "offset")
 SCHEDULES = ("step", "cosine")
@@ -70,7 +70,7 @@ METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_clean_acc", *EP
 #: Fields that define the model, the data and the random streams: a resumed run must keep them.
 IDENTITY_FIELDS = ("model", "width", "activation", "pooling", "head", "train_terms", "eval_terms", "backward",
                    "mlp_hidden", "mlp_beta", "dataset", "val_split", "data_seed", "synthetic_size", "limit",
-                   "seed", "batch_size")
+                   "val_limit", "seed", "batch_size")
 MODEL_KWARGS = ("width", "activation", "pooling", "head", "train_terms", "eval_terms", "backward",
                 "mlp_hidden", "mlp_beta")
 
@@ -82,7 +82,8 @@ class TrainConfig:
     Data: ``dataset`` (see :data:`certify.data.DATASETS`), ``data_dir``, ``download``,
     ``val_split`` (images carved from the training set; default min(5000, 10%)), ``data_seed``
     (seeds the split and the synthetic images; keep it fixed so every run validates on the same
-    images), ``synthetic_size``, ``limit`` (cap on train and validation images, for quick runs).
+    images), ``synthetic_size``, ``limit`` / ``val_limit`` (seeded random subsets of the training /
+    validation images, for quick runs).
     """
 
     model: str = "lipconvnet5"
@@ -102,6 +103,7 @@ class TrainConfig:
     data_seed: int = 0
     synthetic_size: int | None = None
     limit: int | None = None
+    val_limit: int | None = None
     augment: bool = True
     epochs: int = 200
     batch_size: int = 128
@@ -143,6 +145,7 @@ class TrainConfig:
             (self.power_iters >= 0, f"power_iters must be >= 0, got {self.power_iters}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+            (self.val_limit is None or self.val_limit >= 1, f"val_limit must be >= 1, got {self.val_limit}"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
         ]
         for ok, message in checks:
@@ -424,7 +427,7 @@ def _log_fn(enabled: bool):
         return lambda *a, **k: None
     from rich.console import Console
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per epoch, even in logs
     return console.print
 
 
@@ -453,7 +456,7 @@ def load_data(cfg: TrainConfig, *, input_shape=None) -> tuple[ImageDataset, Imag
     train_ds = load_dataset(cfg.dataset, "train", **kw)
     if train_ds.val_split == 0:
         return train_ds, None
-    kw["download"] = False
+    kw.update(download=False, limit=cfg.val_limit)
     return train_ds, load_dataset(cfg.dataset, "val", **kw)
 
 

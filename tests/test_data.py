@@ -298,3 +298,14 @@ def test_augment_batch_crops_flips_and_is_seeded():
     assert flipped + same == 64 and 16 < flipped < 48
     no_flip = augment_batch(many, torch.Generator().manual_seed(1), padding=0, hflip=False)
     assert torch.equal(no_flip, many)
+
+
+def test_limit_takes_a_seeded_random_subset_not_a_prefix(tmp_path):
+    _write_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=5, size=(8, 8))
+    kw = dict(data_dir=tmp_path / "imgs", input_shape=(3, 8, 8))
+    pool = load_dataset("imagefolder", "all", **kw)
+    sub = load_dataset("imagefolder", "all", limit=8, **kw)
+    assert len(sub) == 8 and torch.equal(sub.images, load_dataset("imagefolder", "all", limit=8, **kw).images)
+    assert len(set(sub.labels.tolist())) > 2  # a prefix of the class-sorted files would hold 2 classes
+    rows = {im.numpy().tobytes() for im in pool.images}
+    assert all(im.numpy().tobytes() in rows for im in sub.images)

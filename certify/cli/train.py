@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ._common import err_console, handle_errors, out_console
+from ._common import handle_errors, out_console
 
 _ACTIVATIONS = ("maxmin", "hh1", "hh2")
 _POOLINGS = ("max", "lip")
@@ -55,7 +55,10 @@ def _model_options(f):
               help="Seed of the train/validation split (and of the synthetic images).")
 @click.option("--synthetic-size", type=click.IntRange(min=10), default=None,
               help="Images in the synthetic dataset (default 4000).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many training (and validation) images.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Train on a seeded random subset of this many training images.")
+@click.option("--val-limit", type=click.IntRange(min=1), default=None,
+              help="Certify a seeded random subset of this many validation images each epoch.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Random crop (padding 4) and horizontal flip where the dataset allows it.")
 @click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True)
@@ -181,8 +184,8 @@ def demo(output: str | None, epochs: int, seed: int, device: str, progress: bool
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise RunFolderError(f"demo output {run_dir} already has files; pick another --output")
     cfg = TrainConfig(**DEMO_CONFIG, epochs=epochs, seed=seed, device=device, output=str(run_dir))
-    err_console.print(f"lipcert demo: training {cfg.model} (width {cfg.width}) on the synthetic dataset "
-                      f"for {epochs} epochs into {run_dir}", highlight=False)
+    click.echo(f"lipcert demo: training {cfg.model} (width {cfg.width}) on the synthetic dataset "
+               f"for {epochs} epochs into {run_dir}", err=True)
     t0 = time.perf_counter()
     result = run_training(cfg, progress=progress)
     train_s = time.perf_counter() - t0
