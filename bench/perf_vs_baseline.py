@@ -1,0 +1,187 @@
+"""lipcert vs a faithful SOC baseline, side by side in one run (issue 8).
+
+Prints, with the environment:
+  1. certification throughput (images/s): lipcert's Certifier on the fast evaluation path (cached
+     plans, Chebyshev degree from the sound bound, 1x1 layers as one matrix; bound included once,
+     reported separately) vs the baseline's 15-term Taylor evaluation forward, LipConvnet-5/-10;
+  2. training step time (forward + backward + SGD step): lipcert's training path vs the baseline
+     with the paper's fast backward, LipConvnet-5/-10;
+  3. peak memory (max RSS growth of one training step, each in a fresh subprocess);
+  4. how lipcert's step time grows with depth and batch size.
+Timings are interleaved (baseline, lipcert, baseline, ...) and the median of --repeats is used.
+
+    python bench/perf_vs_baseline.py                 # full run (tens of minutes on 2 cores)
+    python bench/perf_vs_baseline.py --quick         # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline_soc import BaselineLipConvNet  # noqa: E402
+
+from certify.certificates import Certifier  # noqa: E402
+from certify.models import create_model  # noqa: E402
+
+
+def environment() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"date {datetime.date.today()}, CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}, python {platform.python_version()}")
+
+
+def pair_models(depth: int, width: int, train: bool):
+    """The baseline and lipcert's model with identical weights (lipcert's layout is the same)."""
+    torch.manual_seed(0)
+    base = BaselineLipConvNet(depth=depth, width=width)
+    ours = create_model(f"lipconvnet{depth}", width=width, eval_mode="fast")
+    src = [m for m in base.modules() if type(m).__name__ == "BaselineSOC"]
+    dst = [m for m in ours.modules() if type(m).__name__ == "SOC"]
+    assert len(src) == len(dst)
+    with torch.no_grad():
+        for s, d in zip(src, dst):
+            d.weight.copy_(s.weight)
+            d.bias.copy_(s.bias)
+            for n in ("u1", "v1", "u2", "v2", "u3", "v3", "u4", "v4"):
+                getattr(d, n).copy_(getattr(s, n))
+    return base.train(train), ours.train(train)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_certify(depth, width, batch, repeats):
+    base, ours = pair_models(depth, width, train=False)
+    x = torch.rand(batch, 3, 32, 32)
+    t0 = time.perf_counter()
+    cert = Certifier(ours)  # the sound bound (and the eval plans), once per model
+    setup = time.perf_counter() - t0
+    with torch.no_grad():
+        diff = float((base(x) - ours(x)).abs().max())
+        tb, to = [], []
+        for _ in range(repeats):
+            tb.append(timed(lambda: base(x)))
+            to.append(timed(lambda: cert(x)))
+    b, o = statistics.median(tb), statistics.median(to)
+    return {"depth": depth, "batch": batch, "baseline_img_s": batch / b, "lipcert_img_s": batch / o,
+            "speedup": b / o, "setup_s": setup, "max_logit_diff": diff, "L": cert.lipschitz}
+
+
+def train_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+
+
+def bench_train(depth, width, batch, repeats):
+    base, ours = pair_models(depth, width, train=True)
+    x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    ob = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9)
+    oo = torch.optim.SGD(ours.parameters(), lr=0.01, momentum=0.9)
+    train_step(base, ob, x, y), train_step(ours, oo, x, y)  # warm-up
+    tb, to = [], []
+    for _ in range(repeats):
+        tb.append(timed(lambda: train_step(base, ob, x, y)))
+        to.append(timed(lambda: train_step(ours, oo, x, y)))
+    b, o = statistics.median(tb), statistics.median(to)
+    return {"depth": depth, "batch": batch, "baseline_s": b, "lipcert_s": o, "speedup": b / o}
+
+
+def memory_child(kind: str, depth: int, width: int, batch: int) -> None:
+    base, ours = pair_models(depth, width, train=True)
+    model = base if kind == "baseline" else ours
+    x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train_step(model, opt, x, y)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_step_mib": (after - before) / 1024}))
+
+
+def bench_memory(depth, width, batch):
+    out = {}
+    for kind in ("baseline", "lipcert"):
+        res = subprocess.run([sys.executable, __file__, "--memory-child", kind, str(depth), str(width), str(batch)],
+                             capture_output=True, text=True, check=True)
+        out[kind] = json.loads(res.stdout.strip().splitlines()[-1])["peak_step_mib"]
+    return {"depth": depth, "batch": batch, **{f"{k}_mib": v for k, v in out.items()}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="width 8, small batches, 3 repeats")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        kind, d, w, b = args.memory_child
+        memory_child(kind, int(d), int(w), int(b))
+        return
+    width = 8 if args.quick else 32
+    repeats = 3 if args.quick else max(5, args.repeats)
+    cbatch, tbatch = (32, 16) if args.quick else (256, 128)
+    print(f"# lipcert vs faithful SOC baseline ({'quick' if args.quick else 'full'} run, width {width})")
+    print(f"# {environment()}")
+    print(f"# median of {repeats} interleaved repeats\n")
+
+    print("## Certification throughput (eval forward + radii), batch", cbatch)
+    print("| model | baseline img/s | lipcert img/s | speedup | lipcert one-time setup s | max logit diff |")
+    print("|---|---|---|---|---|---|")
+    for depth in (5, 10):
+        r = bench_certify(depth, width, cbatch, repeats)
+        print(f"| LipConvnet-{depth} | {r['baseline_img_s']:.1f} | {r['lipcert_img_s']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['setup_s']:.1f} | {r['max_logit_diff']:.1e} |", flush=True)
+
+    print("\n## Training step (forward + backward + SGD), batch", tbatch)
+    print("| model | baseline (fast backward) s | lipcert s | speedup |")
+    print("|---|---|---|---|")
+    for depth in (5, 10):
+        r = bench_train(depth, width, tbatch, repeats)
+        print(f"| LipConvnet-{depth} | {r['baseline_s']:.2f} | {r['lipcert_s']:.2f} | {r['speedup']:.2f}x |", flush=True)
+
+    print("\n## Peak memory growth of one training step (fresh process each), batch", tbatch)
+    print("| model | baseline MiB | lipcert MiB |")
+    print("|---|---|---|")
+    for depth in (5, 10):
+        r = bench_memory(depth, width, tbatch)
+        print(f"| LipConvnet-{depth} | {r['baseline_mib']:.0f} | {r['lipcert_mib']:.0f} |", flush=True)
+
+    print("\n## lipcert training step time vs depth and batch size")
+    print("| depth | batch | s/step | ms/image |")
+    print("|---|---|---|---|")
+    grid = [(5, 32), (5, 128), (10, 128), (20, 128), (5, 512)] if not args.quick else [(5, 8), (10, 8)]
+    for depth, batch in grid:
+        _, ours = pair_models(depth, width, train=True)
+        x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        opt = torch.optim.SGD(ours.parameters(), lr=0.01)
+        train_step(ours, opt, x, y)
+        t = statistics.median(timed(lambda: train_step(ours, opt, x, y)) for _ in range(max(3, repeats // 2)))
+        print(f"| {depth} | {batch} | {t:.2f} | {1000 * t / batch:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
