@@ -1,0 +1,225 @@
+"""``lipcert certify``: per-sample certified l2 radii, reports, and a gate for CI.
+
+A thin layer over :func:`certify.certificates.certify_dataset` and :mod:`certify.reports`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.markup import escape
+
+from ..certificates import CERTIFICATE_METHODS, STANDARD_EPS, eps_label, parse_eps
+from ..errors import ConfigError
+from ..reports import FORMATS
+from ._common import EXIT_GATE, err_console, handle_errors, out_console, resolve_device, show_progress
+
+SPLITS = ("train", "val", "test", "all")
+
+EPILOG = (
+    "Exit codes: 0 success (every --fail-under gate met); 1 runtime error (a one-line message, "
+    "no certificate: unreadable or non-lipcert model file, model not in the registry, weights "
+    "that do not fit, images of the wrong size, NaN/inf pixels, empty dataset, no sound "
+    "Lipschitz bound); 2 usage error (bad option, malformed --eps or --fail-under); 3 a "
+    "--fail-under gate failed (the report is printed and written first)."
+)
+
+
+def _eps_option(ctx, param, values):
+    try:
+        for v in values:
+            parse_eps(v)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+    return values
+
+
+def _gate_option(ctx, param, values):
+    from ..reports import parse_gate
+
+    try:
+        return [parse_gate(v) for v in values]
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _meta_value(meta: dict, key: str):
+    """A value recorded in the checkpoint metadata, directly or inside its training config."""
+    if meta.get(key) is not None:
+        return meta[key]
+    config = meta.get("config")
+    if isinstance(config, dict):
+        for section in (config, config.get("data") or {}):
+            if isinstance(section, dict) and section.get(key) is not None:
+                return section[key]
+    return None
+
+
+def _norm(name) -> str:
+    return str(name).strip().lower().replace("_", "-")
+
+
+def _int_or(value, default):
+    try:
+        return int(value) if value is not None and float(value).is_integer() else default
+    except (TypeError, ValueError):
+        return default
+
+
+@click.command(epilog=EPILOG)
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--dataset", default=None,
+              help="cifar10, cifar100, mnist, fashion-mnist, imagefolder (with --data-dir) or synthetic. "
+                   "Default: the dataset recorded in the checkpoint.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the dataset lives; for imagefolder, the folder of class subfolders.")
+@click.option("--download", is_flag=True, help="Download a missing torchvision dataset.")
+@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True,
+              help="val: the seeded validation part of the training images (the checkpoint's seed "
+                   "and val split when recorded); test: the official test split; all: every image.")
+@click.option("--val-split", type=float, default=None,
+              help="Validation images carved from the training pool (default: the checkpoint's).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Certify only the first N images.")
+@click.option("--eps", "eps", multiple=True, callback=_eps_option, metavar="EPS",
+              help="l2 radius to report certified accuracy at, a fraction (36/255) or a decimal "
+                   "(0.5); repeatable. Default: 36/255, 72/255, 108/255.")
+@click.option("--certificate", type=click.Choice(CERTIFICATE_METHODS), default="auto", show_default=True,
+              help="auto: the tightest sound certificate for the model's head (pairwise for LLN, "
+                   "curvature for MLP, global otherwise).")
+@click.option("--lipschitz", type=float, default=None, metavar="VALUE",
+              help="A Lipschitz upper bound you vouch for, for a model that is not 1-Lipschitz by "
+                   "construction (global certificate; the report marks it user-supplied).")
+@click.option("--lower-bound", is_flag=True,
+              help="Also compute an empirical lower bound on L (Jacobian power iteration) to show "
+                   "how tight the upper bound is.")
+@click.option("--lower-bound-samples", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images used for --lower-bound.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="stdout format: a rich table, the summary as JSON, one CSV row per eps, or "
+                   "Markdown (for $GITHUB_STEP_SUMMARY).")
+@click.option("--output", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Write samples.csv (one row per image), summary.json and radius_curve.png here.")
+@click.option("--fail-under", "gates", multiple=True, callback=_gate_option, metavar="PCT@EPS",
+              help="Exit with code 3 when certified accuracy at EPS is below PCT percent, e.g. "
+                   "60@36/255; repeatable.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the train/val split and the lower bound (default: the checkpoint's, else 0).")
+@handle_errors
+def certify(model_file, dataset, data_dir, download, split, val_split, limit, eps, certificate,
+            lipschitz, lower_bound, lower_bound_samples, batch_size, device, fmt, output, gates, seed):
+    """Certify MODEL_FILE (.safetensors checkpoint or exported .onnx): the certified l2 radius of
+    every image, clean and certified accuracy at each eps, with the model's Lipschitz upper bound
+    recomputed from its weights (never read from the file).
+
+    A sample is certified at eps when it is correctly classified and its radius is strictly
+    greater than eps (ties in the logits give radius 0).
+    """
+    from ..certificates import certify_dataset
+    from ..checkpoint import load_any
+    from ..reports import evaluate_gates, rich_tables, to_csv, to_json, to_markdown, write_reports
+
+    machine = fmt != "table"
+    dev = resolve_device(device)
+    model = load_any(model_file, device=dev)
+    meta = getattr(model, "checkpoint_metadata", None) or {}
+
+    recorded_name = _meta_value(meta, "dataset")
+    if isinstance(recorded_name, dict):  # a recorded dataset description rather than a bare name
+        recorded_name = recorded_name.get("name")
+    name = dataset or recorded_name
+    if not name:
+        raise ConfigError(f"{model_file} records no dataset; pass --dataset NAME")
+    # The training run's split is only meaningful for the dataset it was trained on.
+    same = recorded_name is not None and _norm(name) == _norm(recorded_name)
+    if seed is None:
+        recorded = _meta_value(meta, "data_seed") if same else None
+        if recorded is None and same:
+            recorded = _meta_value(meta, "seed")
+        seed = _int_or(recorded, 0)
+    if val_split is None and split in ("train", "val") and same:
+        recorded = _meta_value(meta, "val_split")
+        val_split = recorded if isinstance(recorded, (int, float)) else None
+    if val_split is not None and float(val_split).is_integer():
+        val_split = int(val_split)
+    extra = {}
+    if _norm(name) == "synthetic" and same and _meta_value(meta, "synthetic_size") is not None:
+        extra["size"] = _int_or(_meta_value(meta, "synthetic_size"), None)
+    if data_dir is None and _norm(name) == "imagefolder" and same:
+        data_dir = _meta_value(meta, "data_dir")
+
+    from ..data import load_dataset
+
+    input_shape = getattr(model, "input_shape", None)
+    ds = load_dataset(str(name), split, data_dir=data_dir, download=download, val_split=val_split,
+                      seed=seed, input_shape=input_shape, limit=limit, **{k: v for k, v in extra.items() if v})
+    recorded_fp = meta.get("val_fingerprint")
+    if (same and split == "val" and limit is None and not _meta_value(meta, "val_limit") and recorded_fp
+            and recorded_fp != ds.fingerprint):
+        err_console.print("warning: these validation images differ from the ones recorded at training time "
+                          "(different seed, val split or data)", highlight=False)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and getattr(ds, "num_classes", 0) > num_classes:
+        raise ConfigError(f"the {ds.name} dataset has {ds.num_classes} classes but the model has {num_classes}")
+    if lipschitz is not None:
+        err_console.print(f"note: using the user-supplied Lipschitz bound {lipschitz!r}; the certificates are "
+                          "only as sound as that value", highlight=False)
+
+    eps_values = list(eps) or list(STANDARD_EPS)
+    eps_values += [g.eps for g in gates if all(parse_eps(e) != g.eps_value for e in eps_values)]
+
+    kwargs = dict(eps=eps_values, method=certificate, lipschitz=lipschitz, batch_size=batch_size,
+                  device=dev, lower_bound=lower_bound, lower_bound_samples=lower_bound_samples, seed=seed)
+    if show_progress(machine):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn)
+
+        columns = (TextColumn("certifying"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+        with Progress(*columns, console=err_console, transient=True) as bar:
+            task = bar.add_task("certify", total=len(ds), rate="")
+
+            def progress(done, total):
+                speed = bar.tasks[task].speed
+                bar.update(task, completed=done, total=total, rate=f"{speed:.0f} img/s" if speed else "")
+
+            result = certify_dataset(model, ds, progress=progress, **kwargs)
+    else:
+        result = certify_dataset(model, ds, **kwargs)
+
+    result.summary["model_file"] = str(model_file)
+    result.summary["config"] = {
+        "dataset": ds.name, "split": split, "data_dir": None if data_dir is None else str(data_dir),
+        "val_split": getattr(ds, "val_split", val_split), "seed": seed, "limit": limit,
+        "eps": [eps_label(e) for e in eps_values], "certificate": certificate, "lipschitz": lipschitz,
+        "lower_bound": lower_bound, "batch_size": batch_size, "device": str(dev),
+        "fail_under": [str(g) for g in gates],
+    }
+    gate_results = evaluate_gates(result, gates)
+
+    # Results first (stdout, then files), the gate's verdict last.
+    if fmt == "json":
+        click.echo(to_json(result.summary, gate_results), nl=False)
+    elif fmt == "csv":
+        click.echo(to_csv(result.summary), nl=False)
+    elif fmt == "markdown":
+        click.echo(to_markdown(result.summary, gate_results), nl=False)
+    else:
+        for table in rich_tables(result.summary, gate_results):
+            out_console.print(table)
+    if output is not None:
+        paths, note = write_reports(result, output, gate_results)
+        err_console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
+        if note:
+            err_console.print(f"note: {note}", highlight=False)
+
+    failed = [g for g in gate_results if not g.passed]
+    for g in gate_results:
+        err_console.print(("[bold red]" if not g.passed else "[green]") + escape(str(g)) + "[/]", highlight=False)
+    if failed:
+        sys.stdout.flush()
+        raise SystemExit(EXIT_GATE)
+
+
+__all__ = ["certify"]
