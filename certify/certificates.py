@@ -279,6 +279,7 @@ def certify_dataset(
     lower_bound: bool = False,
     lower_bound_samples: int = 8,
     seed: int = 0,
+    certifier: Certifier | None = None,
 ) -> CertificationResult:
     """Certified l2 radii of every sample of ``dataset`` (paper.md section 1).
 
@@ -298,6 +299,9 @@ def certify_dataset(
         progress: called as ``progress(done, total)`` after every batch.
         lower_bound: also compute an empirical lower bound on L (Jacobian power iteration on the
             first ``lower_bound_samples`` images) to show how tight the upper bound is.
+        certifier: a :class:`Certifier` already built for ``model`` (its bounds are then reused,
+            e.g. to certify several datasets with one bound computation); ``method`` and
+            ``lipschitz`` are ignored.
 
     Raises:
         NotLipschitzError: no sound bound exists and none was given.
@@ -332,7 +336,12 @@ def certify_dataset(
         model.eval()  # SOC's evaluation series (more terms) is the one the bound covers
 
     t0 = time.perf_counter()
-    cert = Certifier(model, method=method, lipschitz=lipschitz)
+    if certifier is not None:
+        if certifier.model is not model:
+            raise ConfigError("the certifier was built for another model")
+        cert = certifier
+    else:
+        cert = Certifier(model, method=method, lipschitz=lipschitz)
     bound_seconds = time.perf_counter() - t0
     expected_shape = getattr(model, "input_shape", None)
     num_classes = getattr(model, "num_classes", None)

@@ -407,3 +407,16 @@ def test_soundness_on_a_briefly_trained_model():
     assert res.summary["clean_accuracy"] > 0.5
     flipped, n = _soundness(model, x[:16], y[:16], steps=20)
     assert n > 0 and not flipped.any()
+
+
+def test_a_prebuilt_certifier_is_reused():
+    model = LinearModel()
+    cert = Certifier(model)
+    cert.lipschitz *= 2  # visible in the radii only if this very certifier is used
+    ds = TensorDataset(images(4), torch.zeros(4, dtype=torch.long))
+    a = certify_dataset(model, ds, certifier=cert)
+    b = certify_dataset(model, ds)
+    torch.testing.assert_close(torch.tensor(a.samples["radius"].to_numpy()) * 2,
+                               torch.tensor(b.samples["radius"].to_numpy()))
+    with pytest.raises(ConfigError, match="another model"):
+        certify_dataset(LinearModel(), ds, certifier=cert)

@@ -278,3 +278,14 @@ def test_train_then_certify_end_to_end(tmp_path):
     assert {p.name for p in (tmp_path / "rep").iterdir()} == {"samples.csv", "summary.json", "radius_curve.png"}
     r = run(out / "model.safetensors", "--fail-under", "100@36/255")
     assert r.exit_code == EXIT_GATE
+
+
+def test_gates_and_format_from_environment_variables(ckpt):
+    r = CliRunner().invoke(cli, ["certify", str(ckpt)],
+                           env={"LIPCERT_CERTIFY_FAIL_UNDER": "100@0.001 0@0.5", "LIPCERT_CERTIFY_FORMAT": "csv",
+                                "LIPCERT_CERTIFY_LIMIT": "4"})
+    assert r.exit_code == EXIT_GATE, r.output
+    assert r.stdout.startswith("eps,") and "0.001," in r.stdout
+    # each verdict is exactly one line, whatever the terminal width (CI logs are grepped)
+    assert any(ln.startswith("gate 100@0.001 FAILED") and ln.endswith("required >= 100%")
+               for ln in r.stderr.splitlines())

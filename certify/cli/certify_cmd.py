@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 import click
+import torch
 from rich.markup import escape
 
 from ..certificates import CERTIFICATE_METHODS, STANDARD_EPS, eps_label, parse_eps
@@ -97,19 +98,19 @@ def _int_or(value, default):
               help="Images used for --lower-bound.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+@click.option("--format", "format", type=click.Choice(FORMATS), default="table", show_default=True,
               help="stdout format: a rich table, the summary as JSON, one CSV row per eps, or "
                    "Markdown (for $GITHUB_STEP_SUMMARY).")
 @click.option("--output", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Write samples.csv (one row per image), summary.json and radius_curve.png here.")
-@click.option("--fail-under", "gates", multiple=True, callback=_gate_option, metavar="PCT@EPS",
+@click.option("--fail-under", multiple=True, callback=_gate_option, metavar="PCT@EPS",
               help="Exit with code 3 when certified accuracy at EPS is below PCT percent, e.g. "
                    "60@36/255; repeatable.")
 @click.option("--seed", type=int, default=None,
               help="Seed of the train/val split and the lower bound (default: the checkpoint's, else 0).")
 @handle_errors
 def certify(model_file, dataset, data_dir, download, split, val_split, limit, eps, certificate,
-            lipschitz, lower_bound, lower_bound_samples, batch_size, device, fmt, output, gates, seed):
+            lipschitz, lower_bound, lower_bound_samples, batch_size, device, output, fail_under, seed, **kw):
     """Certify MODEL_FILE (.safetensors checkpoint or exported .onnx): the certified l2 radius of
     every image, clean and certified accuracy at each eps, with the model's Lipschitz upper bound
     recomputed from its weights (never read from the file).
@@ -121,6 +122,9 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
     from ..checkpoint import load_any
     from ..reports import evaluate_gates, rich_tables, to_csv, to_json, to_markdown, write_reports
 
+    # Parameter names follow the option names so that LIPCERT_CERTIFY_FAIL_UNDER, ..._FORMAT and
+    # the [certify] table of --config reach them.
+    fmt, gates = kw["format"], fail_under
     machine = fmt != "table"
     dev = resolve_device(device)
     model = load_any(model_file, device=dev)
@@ -159,13 +163,23 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
     if (same and split == "val" and limit is None and not _meta_value(meta, "val_limit") and recorded_fp
             and recorded_fp != ds.fingerprint):
         err_console.print("warning: these validation images differ from the ones recorded at training time "
-                          "(different seed, val split or data)", highlight=False)
+                          "(different seed, val split or data)", highlight=False, soft_wrap=True)
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and getattr(ds, "num_classes", 0) > num_classes:
         raise ConfigError(f"the {ds.name} dataset has {ds.num_classes} classes but the model has {num_classes}")
     if lipschitz is not None:
         err_console.print(f"note: using the user-supplied Lipschitz bound {lipschitz!r}; the certificates are "
-                          "only as sound as that value", highlight=False)
+                          "only as sound as that value", highlight=False, soft_wrap=True)
+
+    source = getattr(model, "bound_source", None)
+    if lipschitz is None and source and source != "computed from the weights":
+        err_console.print(f"note: this model's Lipschitz bound is {source} (read from the file, not recomputed "
+                          "from weights); certify the .safetensors checkpoint for a bound computed from its "
+                          "weights", highlight=False, soft_wrap=True)
+    if lower_bound and not isinstance(model, torch.nn.Module):
+        err_console.print("note: --lower-bound needs gradients through the model; not available for an "
+                          "ONNX model, skipped", highlight=False, soft_wrap=True)
+        lower_bound = False
 
     eps_values = list(eps) or list(STANDARD_EPS)
     eps_values += [g.eps for g in gates if all(parse_eps(e) != g.eps_value for e in eps_values)]
@@ -210,13 +224,14 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
             out_console.print(table)
     if output is not None:
         paths, note = write_reports(result, output, gate_results)
-        err_console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
+        err_console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
         if note:
-            err_console.print(f"note: {note}", highlight=False)
+            err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
 
     failed = [g for g in gate_results if not g.passed]
     for g in gate_results:
-        err_console.print(("[bold red]" if not g.passed else "[green]") + escape(str(g)) + "[/]", highlight=False)
+        style = "green" if g.passed else "bold red"
+        err_console.print(f"[{style}]{escape(str(g))}[/]", highlight=False, soft_wrap=True)
     if failed:
         sys.stdout.flush()
         raise SystemExit(EXIT_GATE)
