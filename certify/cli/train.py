@@ -15,9 +15,9 @@ _POOLINGS = ("max", "lip")
 _HEADS = ("ortho", "lln", "mlp")
 
 #: The demo's model and recipe: small enough for about a minute on 2 CPU cores.
-DEMO_CONFIG = dict(model="lipconvnet5", width=8, dataset="synthetic", synthetic_size=3000, batch_size=64,
+DEMO_CONFIG = dict(model="lipconvnet5", width=8, dataset="synthetic", synthetic_size=2500, batch_size=32,
                    lr=0.1, schedule="cosine", loss="offset", power_iters=50)
-DEMO_EPOCHS = 8
+DEMO_EPOCHS = 6
 
 
 def _model_options(f):
