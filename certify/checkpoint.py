@@ -165,7 +165,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", allow_pick
             state = load_file(str(path), device="cpu")
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read its tensors ({_first_line(e)})") from None
-    model = build_from_metadata(meta, path)
+    if meta.get("checkpoint_kind") == "baked":
+        # An inference model written by `lipcert export --format safetensors`: rebuilt from the
+        # layer plan in its metadata (certify.baked), not from the registry's training builders.
+        from .baked import model_from_metadata
+
+        model = model_from_metadata(meta, path)
+    else:
+        model = build_from_metadata(meta, path)
     load_state_strict(model, state, path)
     decoded = {k: _maybe_json(v) for k, v in meta.items()}
     model.checkpoint_metadata = decoded

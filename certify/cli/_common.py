@@ -9,6 +9,7 @@ import sys
 import click
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import ConfigError, LipcertError
 
@@ -54,7 +55,9 @@ def show_progress(machine_readable: bool = False) -> bool:
 
 def fail(message: str, code: int = EXIT_ERROR) -> None:
     """Print a one-line error on stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    # The message is plain text: escape it, or rich would swallow "[export]" in
+    # "pip install 'lipcert[export]'" (and any other bracketed text, e.g. in a path) as markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     raise SystemExit(code)
 
 
