@@ -60,7 +60,8 @@ def skew_conv_norm_bound(skew: torch.Tensor, size: tuple[int, int] | None = None
     the skew filter ``skew`` (M, M, k, k) on an (h, w) = ``size`` feature map.
 
     The zero-padded convolution on an h x w map is a compression of the circular convolution on
-    an (h + k - 1) x (w + k - 1) map, whose norm is exactly the largest spectral norm of the
+    an (h + k//2) x (w + k//2) map (the smallest size at which no wrapped-around tap reaches a
+    pixel of the embedded h x w map), whose norm is exactly the largest spectral norm of the
     filter's 2-D DFT blocks (one M x M matrix per frequency). Those blocks are skew-Hermitian, so
     their norm is the largest |eigenvalue| of a Hermitian matrix (``eigvalsh``), plus the Frobenius
     norm of any rounding asymmetry (Weyl). A 1x1 filter is a plain matrix. Without a size, the
@@ -75,7 +76,7 @@ def skew_conv_norm_bound(skew: torch.Tensor, size: tuple[int, int] | None = None
         taps = a.permute(2, 3, 0, 1).reshape(k * k, m, m)
         return float(torch.linalg.matrix_norm(taps, ord=2).sum()) * (1 + FLOAT64_SLACK)
     h, w = size
-    n_h, n_w = h + k - 1, w + k - 1
+    n_h, n_w = max(h + k // 2, k), max(w + k // 2, k)  # any size >= h + k//2 works
     # Centre tap at index 0 so that each DFT block is exactly skew-Hermitian (a phase factor
     # would not change the norm but would break the Hermitian computation). Blocks at -omega
     # are the conjugates of those at omega, with the same norm, so rfft2's half suffices.
