@@ -6,6 +6,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The suite's models are tiny: one intra-op thread is 2-10x faster than two on a 2-core
+    machine (thread hand-offs dominate such small convolutions), and results are reproducible."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_model():
     """Factory for a small seeded LipConvnet (``lipconvnet5`` at width 4 by default, ~260k
