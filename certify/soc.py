@@ -385,3 +385,20 @@ class SOC(nn.Module):
             plan = _EvalPlan("chebyshev", s_filter.contiguous(), coeffs, bound, terms)
         self._plan, self._plan_key = plan, key
         return plan
+
+
+def set_eval_mode(model: nn.Module, mode: str, tol: float | None = None) -> int:
+    """Switch every SOC layer of ``model`` to the ``"taylor"`` or ``"fast"`` evaluation path (see
+    :class:`SOC`); returns the number of layers switched. Sound either way: each layer's bound is
+    computed for the path it evaluates."""
+    if mode not in ("taylor", "fast"):
+        raise ConfigError(f"eval mode must be 'taylor' or 'fast', got {mode!r}")
+    count = 0
+    for m in model.modules():
+        if isinstance(m, SOC):
+            m.eval_mode = mode
+            if tol is not None:
+                m.eval_tol = tol
+            m._plan = m._plan_key = None
+            count += 1
+    return count

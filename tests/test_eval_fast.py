@@ -122,3 +122,28 @@ def test_fast_eval_supports_input_gradients():
     fast(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert math.isfinite(fast.lipschitz_bound())
+
+
+def test_certify_cli_fast_eval_matches_taylor(tmp_path):
+    """`lipcert certify --eval fast` reports the same accuracies with its own sound bound."""
+    import json
+
+    from click.testing import CliRunner
+
+    from certify.checkpoint import save
+    from certify.cli import cli
+
+    torch.manual_seed(0)
+    model = create_model("lipconvnet5", width=4)
+    path = save(tmp_path / "m.safetensors", model, dataset="synthetic", synthetic_size=200, data_seed=0)
+    runs = {}
+    for mode in ("taylor", "fast"):
+        res = CliRunner().invoke(cli, ["certify", str(path), "--split", "all", "--limit", "40",
+                                       "--eval", mode, "--format", "json", "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        runs[mode] = json.loads(res.stdout)
+    t, f = runs["taylor"], runs["fast"]
+    bt, bf = t["certificate"]["lipschitz_upper_bound"], f["certificate"]["lipschitz_upper_bound"]
+    assert abs(bt - bf) / bt < 1e-5
+    assert t["clean_accuracy"] == f["clean_accuracy"]
+    assert t["certified_accuracy"] == f["certified_accuracy"]

@@ -97,6 +97,10 @@ def _int_or(value, default):
 @click.option("--lower-bound-samples", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images used for --lower-bound.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--eval", "eval_path", type=click.Choice(["taylor", "fast"]), default="taylor", show_default=True,
+              help="SOC evaluation: the paper's 15-term Taylor series, or the cached fast path (Chebyshev "
+                   "degree chosen per layer from its sound norm bound, 1x1 layers as one matrix). Each is "
+                   "certified with the bound of what it computes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--format", "format", type=click.Choice(FORMATS), default="table", show_default=True,
               help="stdout format: a rich table, the summary as JSON, one CSV row per eps, or "
@@ -110,7 +114,8 @@ def _int_or(value, default):
               help="Seed of the train/val split and the lower bound (default: the checkpoint's, else 0).")
 @handle_errors
 def certify(model_file, dataset, data_dir, download, split, val_split, limit, eps, certificate,
-            lipschitz, lower_bound, lower_bound_samples, batch_size, device, output, fail_under, seed, **kw):
+            lipschitz, lower_bound, lower_bound_samples, batch_size, eval_path, device, output, fail_under, seed,
+            **kw):
     """Certify MODEL_FILE (.safetensors checkpoint or exported .onnx): the certified l2 radius of
     every image, clean and certified accuracy at each eps, with the model's Lipschitz upper bound
     recomputed from its weights (never read from the file).
@@ -129,6 +134,12 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
     dev = resolve_device(device)
     model = load_any(model_file, device=dev)
     meta = getattr(model, "checkpoint_metadata", None) or {}
+    if eval_path == "fast":
+        from ..soc import set_eval_mode
+
+        if not isinstance(model, torch.nn.Module) or set_eval_mode(model, "fast") == 0:
+            err_console.print("note: --eval fast applies to SOC layers of lipcert checkpoints; this model has "
+                              "none, evaluated as stored", highlight=False, soft_wrap=True)
 
     recorded_name = _meta_value(meta, "dataset")
     if isinstance(recorded_name, dict):  # a recorded dataset description rather than a bare name
