@@ -36,7 +36,7 @@ from torch import nn
 from .activations import ACTIVATIONS, make_activation
 from .errors import CheckpointError, ConfigError, ExportError, LipcertError, NotLipschitzError
 from .heads import LLNHead, OrthoHead
-from .lipschitz import LayerBound, Normalize, layer_bounds, product
+from .lipschitz import LipschitzNet, Normalize
 from .pooling import POOLINGS, make_pooling
 from .soc import SOC, _real_matrix_norm_bound, skew_conv_norm_bound, taylor_series, transpose_filter
 
@@ -248,7 +248,7 @@ def _build_head(cfg: dict[str, Any]) -> nn.Module:
     raise ConfigError(f"unknown baked head type {kind!r}")
 
 
-class BakedLipNet(nn.Module):
+class BakedLipNet(LipschitzNet):
     """An inference-only LipConvnet of fixed tensors, built from a plan (see :func:`bake`).
 
     It exposes the certification interface of :class:`certify.models.LipConvNet`:
@@ -276,49 +276,6 @@ class BakedLipNet(nn.Module):
         self.body = nn.ModuleDict({cfg["name"].replace(".", "-"): _build_layer(cfg) for cfg in plan["layers"]})
         self.head = _build_head(plan["head"])
         self.requires_grad_(False)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ConfigError(
-                f"expected images of shape (N, {', '.join(map(str, self.input_shape))}), "
-                f"got {tuple(x.shape)}"
-            )
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Features before the head: normalise, zero-pad to a multiple of 32 (an isometric
-        embedding), then the baked layers."""
-        self._check_input(x)
-        x = self.normalize(x)
-        h, w = x.shape[-2:]
-        ph, pw = self.padded_size
-        if (h, w) != (ph, pw):
-            x = F.pad(x, (0, pw - w, 0, ph - h))
-        for layer in self.body.values():
-            x = layer(x)
-        return x.flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    def feature_layer_bounds(self) -> list[LayerBound]:
-        chain = [("normalize", self.normalize)] + list(zip(self.layer_names, self.body.values()))
-        bounds, _ = layer_bounds(chain, self.padded_size)
-        return bounds
-
-    def layer_bounds(self) -> list[LayerBound]:
-        """Per-layer rigorous upper bounds from the baked tensors, normalisation first, head last."""
-        bounds = self.feature_layer_bounds()
-        if self.head_kind != "mlp":
-            bounds.append(LayerBound("head", type(self.head).__name__, None, float(self.head.lipschitz_bound())))
-        return bounds
-
-    def feature_lipschitz_bound(self) -> float:
-        return product(self.feature_layer_bounds())
-
-    def lipschitz_bound(self) -> float:
-        if self.head_kind == "mlp":
-            raise NotLipschitzError("an MLP head has no global Lipschitz bound; use its curvature certificate")
-        return product(self.layer_bounds())
 
 
 # ---- baking -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import NotLipschitzError
+from .errors import ConfigError, NotLipschitzError
 
 
 class Normalize(nn.Module):
@@ -83,6 +83,62 @@ def product(bounds: Iterable[LayerBound]) -> float:
     for b in bounds:
         out *= b.bound
     return out
+
+
+class LipschitzNet(nn.Module):
+    """Shared forward and bounds of lipcert's networks (trained or baked): ``normalize``, zero
+    padding to ``padded_size`` (an isometric embedding), the chain of layers in ``body`` (named
+    ``layer_names``), flattening, then ``head``.
+
+    Subclasses set ``input_shape``, ``normalize``, ``padded_size``, ``layer_names``, ``body``,
+    ``head`` and ``head_kind``.
+    """
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise ConfigError(
+                f"expected images of shape (N, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """1-Lipschitz (times 1/min(std)) features, flattened, before the head."""
+        self._check_input(x)
+        x = self.normalize(x)
+        h, w = x.shape[-2:]
+        ph, pw = self.padded_size
+        if (h, w) != (ph, pw):
+            x = torch.nn.functional.pad(x, (0, pw - w, 0, ph - h))
+        for layer in self.body.values():
+            x = layer(x)
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def feature_layer_bounds(self) -> list[LayerBound]:
+        """Per-layer bounds of x -> features(x); normalize's bound is size-free and the zero
+        padding after it is an isometry."""
+        chain = [("normalize", self.normalize)] + list(zip(self.layer_names, self.body.values()))
+        bounds, _ = layer_bounds(chain, tuple(self.padded_size))
+        return bounds
+
+    def layer_bounds(self) -> list[LayerBound]:
+        """Per-layer rigorous upper bounds, normalisation first and head last."""
+        bounds = self.feature_layer_bounds()
+        if self.head_kind != "mlp":  # the MLP head is certified by curvature, not by a norm
+            bounds.append(LayerBound("head", type(self.head).__name__, None, float(self.head.lipschitz_bound())))
+        return bounds
+
+    def feature_lipschitz_bound(self) -> float:
+        """Upper bound on the Lipschitz constant of x -> features(x)."""
+        return product(self.feature_layer_bounds())
+
+    def lipschitz_bound(self) -> float:
+        """Rigorous upper bound on the l2 Lipschitz constant of x -> logits (eval mode)."""
+        if self.head_kind == "mlp":
+            raise NotLipschitzError("an MLP head has no global Lipschitz bound; use its curvature certificate")
+        return product(self.layer_bounds())
 
 
 def upper_bound(model: nn.Module) -> float:

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from certify.activations import make_activation
 from certify.errors import ConfigError
 from certify.heads import LLNHead, OrthoHead
-from certify.lipschitz import LayerBound, Normalize, layer_bounds, product
+from certify.lipschitz import LipschitzNet, Normalize
 from certify.pooling import make_pooling
 from certify.soc import SOC
 
@@ -44,7 +42,7 @@ def _size2(size: int | Sequence[int]) -> tuple[int, int]:
     return (int(h), int(w))
 
 
-class LipConvNet(nn.Module):
+class LipConvNet(LipschitzNet):
     """A LipConvnet of ``depth`` SOC layers (see the module docstring for the layout).
 
     Every model knows its input shape, normalisation, number of classes and how to compute its
@@ -110,7 +108,7 @@ class LipConvNet(nn.Module):
                        (f"block{i}.pool", make_pooling(pooling, 4 * c))]
             c *= 2
         wide = 4 * c
-        layers += [(f"block5.conv0", SOC(c, wide, 1, stride=2, **soc_kw))]
+        layers += [("block5.conv0", SOC(c, wide, 1, stride=2, **soc_kw))]
         for j in range(1, b):
             layers += [(f"block5.act{j - 1}", make_activation(activation, wide)),
                        (f"block5.conv{j}", SOC(wide, wide, 1, **soc_kw))]
@@ -134,58 +132,6 @@ class LipConvNet(nn.Module):
             from certify.mlp_head import MLPHead  # the curvature-certified head (issue 7)
 
             self.head = MLPHead(self.num_features, num_classes, hidden=mlp_hidden, beta=mlp_beta)
-
-    # ---- forward ------------------------------------------------------------------------------
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ConfigError(
-                f"expected images of shape (N, {', '.join(map(str, self.input_shape))}), "
-                f"got {tuple(x.shape)}"
-            )
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """1-Lipschitz (times 1/min(std)) features, flattened, before the head."""
-        self._check_input(x)
-        x = self.normalize(x)
-        h, w = x.shape[-2:]
-        ph, pw = self.padded_size
-        if (h, w) != (ph, pw):
-            x = F.pad(x, (0, pw - w, 0, ph - h))
-        for layer in self.body.values():
-            x = layer(x)
-        return x.flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    # ---- bounds -------------------------------------------------------------------------------
-
-    def feature_layer_bounds(self) -> list[LayerBound]:
-        chain = [("normalize", self.normalize)]
-        chain += [(n, m) for n, m in zip(self.layer_names, self.body.values())]
-        bounds, _ = layer_bounds(chain, self.padded_size)
-        # normalize's bound is size-free; the zero padding that follows it is an isometry.
-        return bounds
-
-    def layer_bounds(self) -> list[LayerBound]:
-        """Per-layer rigorous upper bounds, normalisation first and head last."""
-        bounds = self.feature_layer_bounds()
-        if self.head_kind != "mlp":  # the MLP head is certified by curvature, not by a norm
-            bounds.append(LayerBound("head", type(self.head).__name__, None, self.head.lipschitz_bound()))
-        return bounds
-
-    def feature_lipschitz_bound(self) -> float:
-        """Upper bound on the Lipschitz constant of x -> features(x)."""
-        return product(self.feature_layer_bounds())
-
-    def lipschitz_bound(self) -> float:
-        """Rigorous upper bound on the l2 Lipschitz constant of x -> logits (eval mode)."""
-        if self.head_kind == "mlp":
-            from certify.errors import NotLipschitzError
-
-            raise NotLipschitzError("an MLP head has no global Lipschitz bound; use its curvature certificate")
-        return product(self.layer_bounds())
 
 
 def _create_lipconvnet(depth: int, **kwargs) -> LipConvNet:

@@ -77,3 +77,15 @@ def handle_errors(fn):
             fail(text)
 
     return wrapper
+
+
+def meta_value(meta: dict, key: str):
+    """A value recorded in a checkpoint's metadata, directly or inside its training config."""
+    if meta.get(key) is not None:
+        return meta[key]
+    config = meta.get("config")
+    if isinstance(config, dict):
+        for section in (config, config.get("data") or {}):
+            if isinstance(section, dict) and section.get(key) is not None:
+                return section[key]
+    return None

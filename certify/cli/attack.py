@@ -17,6 +17,7 @@ from rich.table import Table
 
 from ..errors import ConfigError, RunFolderError
 from ._common import EXIT_GATE, err_console, handle_errors, out_console, resolve_device, show_progress
+from ._common import meta_value as _meta_value
 
 SPLITS = ("train", "val", "test", "all")
 ATTACK_CHOICES = ("all", "pgd", "apgd-ce", "apgd-dlr")
@@ -36,18 +37,6 @@ def _eps_option(ctx, param, values):
         return [(eps_label(v), parse_eps(v)) for v in values]
     except ConfigError as e:
         raise click.BadParameter(str(e)) from None
-
-
-def _meta_value(meta: dict, key: str):
-    """A value recorded in the checkpoint metadata, directly or inside its training config."""
-    if meta.get(key) is not None:
-        return meta[key]
-    config = meta.get("config")
-    if isinstance(config, dict):
-        for section in (config, config.get("data") or {}):
-            if isinstance(section, dict) and section.get(key) is not None:
-                return section[key]
-    return None
 
 
 def _fmt(v, digits=4):

@@ -15,6 +15,7 @@ from ..certificates import CERTIFICATE_METHODS, STANDARD_EPS, eps_label, parse_e
 from ..errors import ConfigError
 from ..reports import FORMATS
 from ._common import EXIT_GATE, err_console, handle_errors, out_console, resolve_device, show_progress
+from ._common import meta_value as _meta_value
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -43,18 +44,6 @@ def _gate_option(ctx, param, values):
         return [parse_gate(v) for v in values]
     except ConfigError as e:
         raise click.BadParameter(str(e)) from None
-
-
-def _meta_value(meta: dict, key: str):
-    """A value recorded in the checkpoint metadata, directly or inside its training config."""
-    if meta.get(key) is not None:
-        return meta[key]
-    config = meta.get("config")
-    if isinstance(config, dict):
-        for section in (config, config.get("data") or {}):
-            if isinstance(section, dict) and section.get(key) is not None:
-                return section[key]
-    return None
 
 
 def _norm(name) -> str:
