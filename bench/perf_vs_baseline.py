@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -111,15 +110,29 @@ def bench_train(depth, width, batch, repeats):
     return {"depth": depth, "batch": batch, "baseline_s": b, "lipcert_s": o, "speedup": b / o}
 
 
+def _rss_mib(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def memory_child(kind: str, depth: int, width: int, batch: int) -> None:
-    base, ours = pair_models(depth, width, train=True)
-    model = base if kind == "baseline" else ours
+    """Peak RSS growth of two training steps of one model, in a fresh process: the high-water mark
+    is reset (Linux clear_refs) after the model is built, so construction does not count."""
+    torch.manual_seed(0)
+    if kind == "baseline":
+        model = BaselineLipConvNet(depth=depth, width=width).train()
+    else:
+        model = create_model(f"lipconvnet{depth}", width=width).train()
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    train_step(model, opt, x, y)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_step_mib": (after - before) / 1024}))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_mib("VmRSS")
+    for _ in range(2):
+        train_step(model, opt, x, y)
+    print(json.dumps({"peak_step_mib": _rss_mib("VmHWM") - before}))
 
 
 def bench_memory(depth, width, batch):
@@ -136,6 +149,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="width 8, small batches, 3 repeats")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--sections", default="certify,train,memory,scaling",
+                   help="comma-separated subset of certify,train,memory,scaling")
     args = p.parse_args()
     if args.memory_child:
         kind, d, w, b = args.memory_child
@@ -148,6 +163,18 @@ def main() -> None:
     print(f"# {environment()}")
     print(f"# median of {repeats} interleaved repeats\n")
 
+    sections = set(args.sections.split(","))
+    if "certify" in sections:
+        certify_section(width, cbatch, repeats)
+    if "train" in sections:
+        train_section(width, tbatch, repeats)
+    if "memory" in sections:
+        memory_section(width, tbatch)
+    if "scaling" in sections:
+        scaling_section(width, repeats, args.quick)
+
+
+def certify_section(width, cbatch, repeats):
     print("## Certification throughput (eval forward + radii), batch", cbatch)
     print("| model | baseline img/s | lipcert img/s | speedup | lipcert one-time setup s | max logit diff |")
     print("|---|---|---|---|---|---|")
@@ -156,6 +183,8 @@ def main() -> None:
         print(f"| LipConvnet-{depth} | {r['baseline_img_s']:.1f} | {r['lipcert_img_s']:.1f} | "
               f"{r['speedup']:.2f}x | {r['setup_s']:.1f} | {r['max_logit_diff']:.1e} |", flush=True)
 
+
+def train_section(width, tbatch, repeats):
     print("\n## Training step (forward + backward + SGD), batch", tbatch)
     print("| model | baseline (fast backward) s | lipcert s | speedup |")
     print("|---|---|---|---|")
@@ -163,17 +192,21 @@ def main() -> None:
         r = bench_train(depth, width, tbatch, repeats)
         print(f"| LipConvnet-{depth} | {r['baseline_s']:.2f} | {r['lipcert_s']:.2f} | {r['speedup']:.2f}x |", flush=True)
 
-    print("\n## Peak memory growth of one training step (fresh process each), batch", tbatch)
+
+def memory_section(width, tbatch):
+    print("\n## Peak memory growth of two training steps (fresh process each), batch", tbatch)
     print("| model | baseline MiB | lipcert MiB |")
     print("|---|---|---|")
     for depth in (5, 10):
         r = bench_memory(depth, width, tbatch)
         print(f"| LipConvnet-{depth} | {r['baseline_mib']:.0f} | {r['lipcert_mib']:.0f} |", flush=True)
 
+
+def scaling_section(width, repeats, quick):
     print("\n## lipcert training step time vs depth and batch size")
     print("| depth | batch | s/step | ms/image |")
     print("|---|---|---|---|")
-    grid = [(5, 32), (5, 128), (10, 128), (20, 128), (5, 512)] if not args.quick else [(5, 8), (10, 8)]
+    grid = [(5, 32), (5, 128), (10, 128), (20, 128), (5, 512)] if not quick else [(5, 8), (10, 8)]
     for depth, batch in grid:
         _, ours = pair_models(depth, width, train=True)
         x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))

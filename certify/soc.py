@@ -249,20 +249,23 @@ class SOC(nn.Module):
             return
         a = self.raw_skew()
         m, k = self.channels, self.kernel_size
-        # (matrix, left vector over its rows, right vector over its columns)
+        # (matrix, left vector over its rows, right vector over its columns), built one at a time
+        # so that only one reshaped copy of the filter is alive at once
         pairs = (
-            (a.permute(0, 2, 1, 3).reshape(m * k, m * k), self.v1, self.u1),  # (co,kh) x (ci,kw)
-            (a.permute(0, 3, 1, 2).reshape(m * k, m * k), self.v2, self.u2),  # (co,kw) x (ci,kh)
-            (a.reshape(m, m * k * k), self.v3, self.u3),  # co x (ci,kh,kw)
-            (a.permute(0, 2, 3, 1).reshape(m * k * k, m), self.u4, self.v4),  # (co,kh,kw) x ci
+            (lambda: a.permute(0, 2, 1, 3).reshape(m * k, m * k), self.v1, self.u1),  # (co,kh) x (ci,kw)
+            (lambda: a.permute(0, 3, 1, 2).reshape(m * k, m * k), self.v2, self.u2),  # (co,kw) x (ci,kh)
+            (lambda: a.reshape(m, m * k * k), self.v3, self.u3),  # co x (ci,kh,kw)
+            (lambda: a.permute(0, 2, 3, 1).reshape(m * k * k, m), self.u4, self.v4),  # (co,kh,kw) x ci
         )
-        for mat, left, right in pairs:
+        for make, left, right in pairs:
+            mat = make()
             lv, rv = left.reshape(-1), right.reshape(-1)
             for _ in range(iters):
                 lv = _l2_normalize(mat @ rv)
                 rv = _l2_normalize(mat.T @ lv)
             left.copy_(lv.view_as(left))
             right.copy_(rv.view_as(right))
+            del mat
 
     def skew_filter(self) -> torch.Tensor:
         """The scaled skew filter used by the forward pass (differentiable in the weight).
