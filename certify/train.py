@@ -484,19 +484,24 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
     run_dir = Path(cfg.output) if cfg.output else default_run_dir(cfg)
     cfg.output = str(run_dir)
 
-    # 1. Run folder: every rank checks (read-only), then rank 0 prepares it; all agree first.
+    # 1. Run folder: every rank checks (read-only) and all agree, THEN rank 0 prepares it (its
+    # write test would otherwise show up in another rank's check), and all agree again.
     error: LipcertError | None = None
+    state = None
     try:
         check_run_dir(run_dir, cfg.resume, cfg.overwrite)
         if cfg.resume:
             state = load_train_state(run_dir / "train_state.pt")
             _check_resume_config(cfg, state.get("config", {}), run_dir)
-        else:
-            state = None
-        if d.main:
-            prepare_run_dir(run_dir, overwrite=False)  # fail early; old files go once data and model are ready
     except LipcertError as e:
         error = e
+    if not _all_agree(error is None, d, device):
+        raise error or RunFolderError(f"another rank could not use the run folder {run_dir}")
+    if d.main:
+        try:
+            prepare_run_dir(run_dir, overwrite=False)  # fail early; old files go once data and model are ready
+        except LipcertError as e:
+            error = e
     if not _all_agree(error is None, d, device):
         raise error or RunFolderError(f"rank 0 could not use the run folder {run_dir}")
 

@@ -208,7 +208,6 @@ def _torchrun() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
-@pytest.mark.slow
 def test_ddp_on_gloo_matches_a_single_process(tmp_path):
     """Two CPU processes (gloo) train the same global batches as one process: same weights up to
     the order of floating-point sums."""
