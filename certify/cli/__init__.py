@@ -39,22 +39,15 @@ def cli(debug: bool) -> None:
 
 
 def _register_commands() -> None:
-    from . import models as _models
+    # One module per command; imported here so that `lipcert --help` lists them all.
+    from .attack import attack
+    from .certify_cmd import certify
+    from .export import export
+    from .models import models
+    from .train import demo, train
 
-    cli.add_command(_models.models)
-    # Each command lives in its own module; optional ones are added when present.
-    import importlib
-
-    for module, name in (("train", "train"), ("train", "demo"), ("certify_cmd", "certify"),
-                         ("attack", "attack"), ("export", "export")):
-        try:
-            mod = importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{module}":
-                raise
-            continue
-        if hasattr(mod, name):
-            cli.add_command(getattr(mod, name))
+    for command in (models, train, demo, certify, attack, export):
+        cli.add_command(command)
 
 
 _register_commands()
