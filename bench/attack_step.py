@@ -20,30 +20,25 @@ early exit never shrinks the batch: every step does the full work. Prints the me
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import cpu_name  # noqa: E402
 import torch.nn.functional as F
 
 from certify import attacks as A
 from certify.models import create_model
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

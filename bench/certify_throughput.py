@@ -19,6 +19,10 @@ numbers.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import sys
+
 import argparse
 import datetime
 import os
@@ -27,18 +31,12 @@ import statistics
 import time
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import cpu_name  # noqa: E402
 from torch.utils.data import DataLoader
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import cpu_name  # noqa: E402
 from baseline_soc import BaselineLipConvNet  # noqa: E402
 
 from certify.certificates import Certifier  # noqa: E402
@@ -37,14 +38,7 @@ from certify.models import create_model  # noqa: E402
 
 
 def environment() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return (f"date {datetime.date.today()}, CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"threads {torch.get_num_threads()}, python {platform.python_version()}")
 

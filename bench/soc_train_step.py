@@ -19,6 +19,8 @@ the interpreter, torch and the model; the difference between modes is the activa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import argparse
 import copy
 import datetime as _dt
@@ -32,6 +34,9 @@ import sys
 import time
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import cpu_name  # noqa: E402
 import torch.nn.functional as F
 
 from certify.models import create_model
@@ -105,15 +110,6 @@ def run_child(mode: str, args) -> None:
     print(json.dumps({"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def header(args) -> list[str]:
@@ -121,7 +117,7 @@ def header(args) -> list[str]:
     return [
         "# bench/soc_train_step.py: SOC training step, exact vs fast backward (CPU)",
         f"# date        {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"# cpu         {cpu_model()} ({os.cpu_count()} logical cores visible)",
+        f"# cpu         {cpu_name()} ({os.cpu_count()} logical cores visible)",
         f"# torch       {torch.__version__}, intra-op threads {torch.get_num_threads()}, python {platform.python_version()}",
         f"# settings    width {args.width}, batch {args.batch_size}, repeats {args.repeats} (+{args.warmup} warm-up), "
         f"depths {' '.join(map(str, args.depths))}, random data, SGD momentum 0.9, train_terms 6",
