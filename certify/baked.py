@@ -38,7 +38,7 @@ from .errors import CheckpointError, ConfigError, ExportError, LipcertError, Not
 from .heads import LLNHead, OrthoHead
 from .lipschitz import LipschitzNet, Normalize
 from .pooling import POOLINGS, make_pooling
-from .soc import SOC, _real_matrix_norm_bound, skew_conv_norm_bound, taylor_series, transpose_filter
+from .soc import SOC, _real_matrix_norm_bound, skew_conv_norm_bound, strided_size, taylor_series, transpose_filter
 
 #: ``checkpoint_kind`` metadata value of a baked safetensors checkpoint.
 BAKED_KIND = "baked"
@@ -88,10 +88,7 @@ class BakedSOC(nn.Module):
         return y
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        h, w = size
-        if h % self.stride or w % self.stride:
-            raise ConfigError(f"SOC with stride {self.stride} needs even spatial sizes, got {size}")
-        return h // self.stride, w // self.stride
+        return strided_size(size, self.stride)
 
     @torch.no_grad()
     def lipschitz_bound(self, input_size: tuple[int, int] | None = None) -> float:
@@ -139,10 +136,7 @@ class BakedMatrix(nn.Module):
         return F.conv2d(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        h, w = size
-        if h % self.stride or w % self.stride:
-            raise ConfigError(f"a stride-{self.stride} layer needs even spatial sizes, got {size}")
-        return h // self.stride, w // self.stride
+        return strided_size(size, self.stride)
 
     @torch.no_grad()
     def lipschitz_bound(self, input_size=None) -> float:

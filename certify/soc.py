@@ -36,6 +36,14 @@ def _real_matrix_norm_bound(a: torch.Tensor) -> float:
     return math.sqrt(max(lam, 0.0)) * (1 + FLOAT64_SLACK)
 
 
+def strided_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Spatial size after space-to-depth by ``stride`` (which needs sizes divisible by it)."""
+    h, w = size
+    if h % stride or w % stride:
+        raise ConfigError(f"a stride-{stride} layer needs spatial sizes divisible by {stride}, got {tuple(size)}")
+    return h // stride, w // stride
+
+
 def transpose_filter(w: torch.Tensor) -> torch.Tensor:
     """The filter of the adjoint convolution: swap in/out channels and flip both spatial axes."""
     return torch.flip(w.transpose(0, 1), dims=(2, 3))
@@ -320,10 +328,7 @@ class SOC(nn.Module):
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """Spatial output size for a spatial input size."""
-        h, w = size
-        if h % self.stride or w % self.stride:
-            raise ConfigError(f"SOC with stride {self.stride} needs even spatial sizes, got {size}")
-        return h // self.stride, w // self.stride
+        return strided_size(size, self.stride)
 
     @torch.no_grad()
     def skew_norm_bound(self, input_size: tuple[int, int] | None = None) -> float:
