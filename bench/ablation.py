@@ -41,6 +41,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from _env import cpu_name  # noqa: E402
 
 from certify.certificates import Certifier, certified_mask  # noqa: E402
 from certify.models import create_model  # noqa: E402
@@ -155,8 +157,43 @@ def train_variant(name, args, data, device):
     return row
 
 
+def _run_one(name, args, data):
+    row = train_variant(name, args, data, torch.device(args.device))
+    print(row, file=sys.stderr, flush=True)
+    return row
+
+
+def _worker(core, names, args, data, queue):
+    # One dedicated core and one torch thread per worker, so that every variant gets the same
+    # compute for its wall-clock budget whichever worker runs it.
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    for name in names:
+        queue.put(_run_one(name, args, data))
+
+
+def run_parallel(names, args, data):
+    """Run the variants in ``args.jobs`` forked workers, each pinned to its own core; rows come back
+    in the order of ``names``."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the decoded images are shared with the workers, not copied
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    jobs = min(args.jobs, len(names), len(cores))
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(cores[j], names[j::jobs], args, data, queue)) for j in range(jobs)]
+    for proc in procs:
+        proc.start()
+    rows = [queue.get() for _ in names]
+    for proc in procs:
+        proc.join()
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(rows, key=lambda r: order[r["variant"]])
+
+
 def environment() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    return (f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, python {platform.python_version()}")
 
 
@@ -178,6 +215,8 @@ def write(rows, args, out_dir: Path, env: str, command: str):
         f"- model: lipconvnet{args.depth}, width {args.width}; data: {args.data_dir} "
         f"({args.train_limit or 'all'} training images, validation split of {args.val_split} "
         f"(seed {args.seed}), {args.val_limit or args.val_split} certified); accuracies are on the VALIDATION split",
+        f"- parallelism: {args.jobs} variant(s) at a time" + (", each pinned to its own core with one torch thread"
+                                                             if args.jobs > 1 else ""),
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
@@ -210,6 +249,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="variants trained at once, each on its own core with one thread (default 1)")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     p.add_argument("--name", default="ablation", help="output file stem")
     args = p.parse_args(argv)
@@ -226,11 +267,10 @@ def main(argv=None):
     data = load_images(args)
     print(f"loaded {len(data[1])} training / {len(data[3])} validation images in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    rows = []
-    for name in names:
-        row = train_variant(name, args, data, torch.device(args.device))
-        print(row, file=sys.stderr)
-        rows.append(row)
+    if args.jobs > 1:
+        rows = run_parallel(names, args, data)
+    else:
+        rows = [_run_one(name, args, data) for name in names]
     stem = write(rows, args, Path(args.out_dir), env, command)
     print(Path(stem.with_suffix(".md")).read_text())
 

@@ -54,6 +54,7 @@ from torch import nn
 
 from . import __version__
 from .certificates import STANDARD_EPS, Certifier, parse_eps
+from .budget import BudgetPlanner
 from .checkpoint import atomic_write_bytes, save
 from .data import ImageDataset, augment_batch, load_dataset, to_float
 from .errors import ConfigError, LipcertError, RunFolderError
@@ -66,7 +67,7 @@ STATE_VERSION = 1
 EVAL_EPS = tuple(parse_eps(e) for e in STANDARD_EPS)
 EPS_COLUMNS = tuple("val_cert_" + e.replace("/", "_") for e in STANDARD_EPS)
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_clean_acc", *EPS_COLUMNS,
-                  "lipschitz_bound", "epoch_seconds", "images_per_second")
+                  "lipschitz_bound", "epoch_seconds", "images_per_second", "budget_used_s")
 #: Fields that define the model, the data and the random streams: a resumed run must keep them.
 IDENTITY_FIELDS = ("model", "width", "activation", "pooling", "head", "train_terms", "eval_terms", "backward",
                    "mlp_hidden", "mlp_beta", "dataset", "val_split", "data_seed", "synthetic_size", "limit",
@@ -126,6 +127,8 @@ class TrainConfig:
     overwrite: bool = False
     eval_every: int = 1
     power_iters: int = 50
+    budget_minutes: float | None = None
+    recipe: str | None = None
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` on an out-of-range or inconsistent value; return self."""
@@ -143,6 +146,8 @@ class TrainConfig:
             (self.grad_clip is None or self.grad_clip > 0, f"grad clip must be positive, got {self.grad_clip}"),
             (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
             (self.power_iters >= 0, f"power_iters must be >= 0, got {self.power_iters}"),
+            (self.budget_minutes is None or (self.budget_minutes > 0 and math.isfinite(self.budget_minutes)),
+             f"the time budget must be a positive number of minutes, got {self.budget_minutes}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
             (self.val_limit is None or self.val_limit >= 1, f"val_limit must be >= 1, got {self.val_limit}"),
@@ -352,6 +357,13 @@ def _all_agree(ok: bool, d: _Dist, device: torch.device) -> bool:
     return float(flag) == 0.0
 
 
+def _agree_plan(planner: BudgetPlanner, d: _Dist, device: torch.device) -> None:
+    """Every rank takes the smallest planned total (the slowest rank's), so all stop together."""
+    planned = torch.tensor([float(planner.planned_steps)], device=device)
+    torch.distributed.all_reduce(planned, op=torch.distributed.ReduceOp.MIN)
+    planner.planned_steps = int(planned.item())
+
+
 # ---- run folder ---------------------------------------------------------------------------------
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -532,6 +544,12 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
 
+    planner = None
+    if cfg.budget_minutes is not None:
+        saved = (state or {}).get("budget") or {}
+        planner = BudgetPlanner(cfg.budget_minutes * 60.0, used_s=float(saved.get("used_s", 0.0)),
+                                planned_steps=saved.get("planned_steps"), steps_done=iteration)
+
     resolved = {**asdict(cfg), "val_split": train_ds.val_split, "resolved_device": str(device),
                 "world_size": d.world, "steps_per_epoch": steps, "train_images": n_train,
                 "val_images": len(val_ds) if val_ds is not None else 0,
@@ -570,28 +588,40 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
         f"device {device}{f' x {d.world} processes' if d.world > 1 else ''}, run folder {run_dir}")
     if start_epoch:
         log(f"resuming after epoch {start_epoch}")
-    if start_epoch >= cfg.epochs:
+    if planner is not None:
+        log(f"time budget {cfg.budget_minutes:g} min for the training steps ({planner.used_s:.0f}s used): "
+            f"the schedule is fitted to the steps that fit, measured on the first steps")
+    done_before = planner is not None and state is not None and bool(state.get("finished"))
+    if start_epoch >= cfg.epochs or done_before:
         log(f"nothing to do: the run already completed {start_epoch} epochs")
 
+    planned_logged = planner is not None and planner.planned_steps is not None
     bars = _Progress(progress if progress is not None else _is_tty(), d.main, cfg.epochs, steps, start_epoch)
     files = {"config": run_dir / "config.json", "metrics": run_dir / "metrics.csv"}
     with bars:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, cfg.epochs if not done_before else start_epoch):
             model.train()
             t0 = time.perf_counter()
+            if planner is not None:
+                planner.resume()
+            done_steps = 0
             order = torch.randperm(n_train, generator=_generator(cfg.seed, epoch, 1))
             aug = _generator(cfg.seed, epoch, 2)
             sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (this rank)
             lr = cfg.lr
             bars.start_epoch(epoch)
             for step in range(steps):
+                if planner is not None:
+                    if not _all_agree(not planner.finished(), d, device):
+                        break  # the budget is spent (on any rank) or the planned steps are done
+                    planner.step_started()
                 idx = order[step * batch:(step + 1) * batch]
                 x, y = train_ds.batch(idx)
                 if cfg.augment:
                     x = augment_batch(x, aug, padding=4, hflip=train_ds.hflip)
                 x, y = x[d.rank::d.world], y[d.rank::d.world]
                 x, y = to_float(x).to(device, non_blocking=True), y.to(device, non_blocking=True)
-                lr = learning_rate(cfg, iteration, total_steps)
+                lr = learning_rate(cfg, iteration, planner.total_steps(total_steps) if planner else total_steps)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -612,6 +642,15 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 iteration += 1
+                done_steps += 1
+                if planner is not None:
+                    planner.step_done()
+                    if planner.planned_steps is not None and d.world > 1:
+                        _agree_plan(planner, d, device)
+                    if planner.planned_steps is not None and not planned_logged:
+                        planned_logged = True
+                        log(f"budget: {planner.seconds_per_step:.3f}s per step measured, {planner.planned_steps} "
+                            f"steps planned ({planner.planned_steps / steps:.2f} epochs)")
                 with torch.no_grad():
                     sums += torch.tensor([float(losses.sum()), float((logits.argmax(1) == y).sum()), len(y)],
                                          dtype=torch.float64)
@@ -624,15 +663,27 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
                 raise ConfigError(f"training diverged (non-finite loss) in epoch {epoch + 1}; lower --lr or set --grad-clip")
             refresh_power_iteration(model, cfg.power_iters)
             train_seconds = time.perf_counter() - t0
+            last_epoch = epoch + 1 == cfg.epochs
+            if planner is not None:
+                finished = planner.finished() or done_steps < steps
+                if not finished:
+                    planner.replan()
+                    if d.world > 1:
+                        _agree_plan(planner, d, device)
+                    finished = planner.finished()
+                last_epoch = last_epoch or finished
+                planner.pause()  # validation and checkpoints are not training time
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(sums[0] / max(sums[2], 1)),
                                    "train_acc": float(sums[1] / max(sums[2], 1))}
-            evaluated = val_ds is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+            evaluated = val_ds is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch)
             if evaluated:
                 bars.status("certifying the validation split")
                 row.update(evaluate(model, val_ds, batch_size=max(batch, 256), device=device,
                                     rank=d.rank, world=d.world))
             row["epoch_seconds"] = time.perf_counter() - t0
-            row["images_per_second"] = steps * batch / max(train_seconds, 1e-9)
+            row["images_per_second"] = done_steps * batch / max(train_seconds, 1e-9)
+            if planner is not None:
+                row["budget_used_s"] = planner.used_s
             rows.append(row)
             improved = evaluated and (best is None or (row[EPS_COLUMNS[0]], row["val_clean_acc"])
                                       > (best[EPS_COLUMNS[0]], best["val_clean_acc"]))
@@ -652,12 +703,17 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
                     "config": {k: resolved[k] for k in IDENTITY_FIELDS},
                     "rng": {"torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                    "budget": planner.state() if planner is not None else None,
+                    "finished": bool(last_epoch),
                 })
-            log(_epoch_line(row, cfg.epochs))
+            log(_epoch_line(row, cfg.epochs if planner is None or planner.planned_steps is None
+                            else math.ceil(planner.planned_steps / steps)))
             if d.world > 1:
                 torch.distributed.barrier()  # rank 0's files are complete before anyone goes on
             if on_epoch_end is not None:
                 on_epoch_end(row)
+            if last_epoch:
+                break
     model.eval()
     for name in ("model", "best"):
         if (run_dir / f"{name}.safetensors").is_file():

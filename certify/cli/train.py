@@ -92,6 +92,12 @@ def _model_options(f):
               help="Certify the validation split every N epochs (and after the last).")
 @click.option("--power-iters", type=click.IntRange(min=0), default=50, show_default=True,
               help="SOC power-iteration steps after each epoch.")
+@click.option("--recipe", type=click.Choice(["paper", "budget"]), default=None,
+              help="Fill the options not given from a preset: paper (the paper's LipConvnet-5 recipe) or budget "
+                   "(the best certified accuracy per minute, for --budget-minutes; default 70).")
+@click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Train for this many minutes of wall clock (validation and checkpoints not counted): the "
+                   "steps are planned from the measured step time and the schedule fits them; --epochs is a cap.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 @handle_errors
 def train(**opts) -> None:
@@ -105,8 +111,11 @@ def train(**opts) -> None:
     from certify.train import TrainConfig
     from certify.train import train as run_training
 
+    from certify.recipes import apply_recipe
+
     ctx = click.get_current_context()
     progress = opts.pop("progress")
+    recipe = opts.pop("recipe")
     if opts["resume"] and opts["overwrite"]:
         raise click.UsageError("--resume and --overwrite exclude each other")
     if opts["resume"]:
@@ -115,10 +124,13 @@ def train(**opts) -> None:
         # The saved config, with the options given on this command line (or in the environment).
         given = {k: v for k, v in opts.items()
                  if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+        if recipe is not None:
+            raise click.UsageError("--recipe applies to a new run; --resume keeps the run's saved options")
         cfg = TrainConfig.from_run_dir(opts["output"], **given)
         cfg.resume, cfg.overwrite = True, False
     else:
-        cfg = TrainConfig(**opts)
+        given = {k: v for k, v in opts.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+        cfg = TrainConfig(**apply_recipe(recipe, given, opts))
     result = run_training(cfg, progress=progress)
     _print_summary(result)
 

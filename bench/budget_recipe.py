@@ -1,0 +1,169 @@
+"""Certified accuracy under a compute budget: the paper's recipe vs lipcert's budget preset (issue 9).
+
+Both rows train with ``lipcert train --budget-minutes M`` on the CIFAR-10 training JPEGs
+(../shared/data, ImageFolder layout) with the same seeded 5,000-image validation split (data seed
+0), which no training step sees, then certify that split with the sound Lipschitz bound
+(certification is not counted in the budget). Rows:
+
+- ``paper``:  ``--recipe paper``  (LipConvnet-5 width 32, SOC with fast backward, MaxMin, max
+  pooling, orthogonal head, SGD 0.1 / 0.9 / 5e-4, crop + flip, batch 128, lr x0.1 at 50% and 75%
+  of the steps that fit, cross-entropy);
+- ``budget``: ``--recipe budget`` (lipcert's preset; see certify/recipes.py).
+
+Each row prints clean and certified accuracy at 36/255, 72/255, 108/255, the epochs done and the
+training images/s. After training, ``lipcert attack --audit`` checks the budget model's
+certificates against PGD and AutoPGD on a seeded subset of the validation split.
+
+    python bench/budget_recipe.py --minutes 70                  # the protocol: one row after the other
+    python bench/budget_recipe.py --minutes 70 --concurrent     # both at once, one core each
+    python bench/budget_recipe.py --minutes 0.3 --synthetic     # a smoke test on synthetic data
+
+``--concurrent`` gives each row one dedicated core (sched_setaffinity) and one torch thread for the
+same wall clock: the two rows get equal compute, half of what the sequential protocol gives each.
+Writes RUN/{paper,budget}/ (run folders), RUN/budget_recipe.{md,csv}; RUN defaults to
+bench/results/<date>-budget-recipe-<minutes>min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import cpu_name  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ("paper", "budget")
+EPS = ("36_255", "72_255", "108_255")
+LIPCERT = [sys.executable, "-c", "from certify.cli import main; main()"]
+
+
+def train_command(row: str, args, run_dir: Path) -> list[str]:
+    cmd = [*LIPCERT, "train", "--recipe", row, "--budget-minutes", str(args.minutes),
+           "--output", str(run_dir), "--seed", str(args.seed), "--no-progress", "--device", "cpu"]
+    if args.synthetic:
+        cmd += ["--dataset", "synthetic", "--synthetic-size", "1200", "--val-split", "200"]
+    else:
+        cmd += ["--dataset", "imagefolder", "--data-dir", args.data_dir, "--val-split", "5000",
+                "--data-seed", "0", "--workers", str(args.workers)]
+    return cmd
+
+
+def start(row: str, args, run_dir: Path, core: int | None) -> subprocess.Popen:
+    env = dict(os.environ)
+    if core is not None:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    log = open(run_dir.parent / f"{row}.log", "w")
+    return subprocess.Popen(train_command(row, args, run_dir), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if core is not None else None)
+
+
+def summarise(row: str, run_dir: Path, wall_s: float) -> dict:
+    metrics = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    config = json.loads((run_dir / "config.json").read_text())
+    state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    last = next(r for r in reversed(metrics) if r["val_clean_acc"])
+    steps = int(state["iteration"])
+    out = {
+        "row": row, "model": config["model"], "width": config["width"], "loss": config["loss"],
+        "schedule": config["schedule"], "clean": float(last["val_clean_acc"]),
+        **{f"cert_{e}": float(last[f"val_cert_{e}"]) for e in EPS},
+        "epochs": round(steps / int(config["steps_per_epoch"]), 3), "steps": steps,
+        "images_per_s": round(steps * int(config["batch_size"]) / float(metrics[-1]["budget_used_s"]), 1),
+        "budget_used_s": round(float(metrics[-1]["budget_used_s"]), 1), "wall_s": round(wall_s, 1),
+        "lipschitz_bound": float(last["lipschitz_bound"]),
+    }
+    return out
+
+
+def audit(run_dir: Path, args) -> str:
+    """``lipcert attack --audit`` on the budget model (a seeded validation subset)."""
+    # The dataset, split and seed come from the checkpoint; only the folder has to be named.
+    cmd = [*LIPCERT, "attack", str(run_dir / "model.safetensors"), "--audit", "--limit", str(args.audit_limit),
+           "--device", "cpu"] + ([] if args.synthetic else ["--data-dir", args.data_dir])
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    return f"exit {res.returncode}\n{res.stdout.strip()}\n{res.stderr.strip()[-2000:]}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=70.0, help="training budget per row")
+    p.add_argument("--data-dir", default="/work/data/train", help="ImageFolder of the CIFAR-10 training JPEGs")
+    p.add_argument("--synthetic", action="store_true", help="synthetic data instead (a smoke test)")
+    p.add_argument("--concurrent", action="store_true", help="run both rows at once, each on its own core")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
+    p.add_argument("--audit-limit", type=int, default=200, help="validation images the audit attacks")
+    p.add_argument("--workers", type=int, default=2, help="JPEG decoding threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None)
+    args = p.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    if any(r not in ROWS for r in rows):
+        p.error(f"rows must be among {ROWS}")
+    out = Path(args.output) if args.output else (
+        ROOT / "bench" / "results" / f"{dt.date.today().isoformat()}-budget-recipe-{args.minutes:g}min")
+    out.mkdir(parents=True, exist_ok=True)
+    if any((out / r).exists() for r in rows):
+        p.error(f"{out} already holds run folders; pick another --output")
+    env = (f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}, "
+           + ("rows concurrent, one core and one thread each" if args.concurrent else "rows one after the other"))
+    print(f"budget_recipe: {args.minutes:g} min per row, {env}", file=sys.stderr)
+
+    results = []
+    if args.concurrent:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < len(rows):
+            p.error(f"--concurrent needs {len(rows)} cores, this process may use {len(cores)}")
+        t0 = time.perf_counter()
+        procs = {r: start(r, args, out / r, cores[i]) for i, r in enumerate(rows)}
+        codes = {r: proc.wait() for r, proc in procs.items()}
+        walls = {r: time.perf_counter() - t0 for r in rows}
+    else:
+        codes, walls = {}, {}
+        for r in rows:
+            t0 = time.perf_counter()
+            codes[r] = start(r, args, out / r, None).wait()
+            walls[r] = time.perf_counter() - t0
+    for r in rows:
+        if codes[r] != 0:
+            print(f"row {r} failed (exit {codes[r]}); see {out / (r + '.log')}", file=sys.stderr)
+            return 1
+        results.append(summarise(r, out / r, walls[r]))
+
+    audit_text = audit(out / "budget", args) if "budget" in rows else "not run"
+    cols = list(results[0])
+    with open(out / "budget_recipe.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(results)
+    lines = [f"# Certified accuracy under a {args.minutes:g}-minute training budget ({dt.date.today()})", "",
+             f"- command: `{' '.join(shlex.quote(a) for a in ['python', 'bench/budget_recipe.py', *(argv or sys.argv[1:])])}`",
+             f"- environment: {env}",
+             "- data: " + ("synthetic" if args.synthetic else f"{args.data_dir} (CIFAR-10 training JPEGs), 45,000 "
+                           "training / 5,000 validation images (data seed 0)")
+             + "; every accuracy is on the VALIDATION split, certified with the sound bound", "",
+             "| row | model | width | loss | clean | cert 36/255 | cert 72/255 | cert 108/255 | epochs | images/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['row']} | {r['model']} | {r['width']} | {r['loss']} | {100 * r['clean']:.2f}% | "
+                     + " | ".join(f"{100 * r[f'cert_{e}']:.2f}%" for e in EPS)
+                     + f" | {r['epochs']:.2f} | {r['images_per_s']:.0f} |")
+    lines += ["", "Audit of the budget model (`lipcert attack --audit`):", "", "```", audit_text, "```"]
+    (out / "budget_recipe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
