@@ -84,7 +84,7 @@ def certified_mask(radius: torch.Tensor, correct: torch.Tensor, eps: float) -> t
     return correct & (radius > eps)
 
 
-CERTIFICATE_METHODS = ("auto", "global", "pairwise", "curvature")
+CERTIFICATE_METHODS = ("auto", "global", "pairwise", "curvature", "curvature-quick")
 
 
 class Certifier:
@@ -95,7 +95,9 @@ class Certifier:
         model: a lipcert model (``lipschitz_bound()``, ``head_kind``), or any callable model when
             ``lipschitz`` is given.
         method: ``auto`` picks the tightest sound certificate for the head (pairwise for LLN,
-            curvature for MLP, global otherwise); ``global``, ``pairwise`` or ``curvature`` force one.
+            curvature for MLP, global otherwise); ``global``, ``pairwise`` or ``curvature`` force one;
+            ``curvature-quick`` is the closed-form curvature certificate (sound, looser, cheaper
+            than the tight dual one that ``curvature`` computes).
         lipschitz: a user-supplied Lipschitz bound of the whole model, for models that are not
             1-Lipschitz by construction; reports then say the bound is user-supplied.
     """
@@ -104,6 +106,7 @@ class Certifier:
         if method not in CERTIFICATE_METHODS:
             raise ConfigError(f"unknown certificate {method!r}; choose from {CERTIFICATE_METHODS}")
         self.model = model
+        self.curvature_mode = "tight"
         head = getattr(model, "head_kind", None)
         if lipschitz is not None:
             if method not in ("auto", "global"):
@@ -114,6 +117,9 @@ class Certifier:
             return
         if method == "auto":
             method = {"lln": "pairwise", "mlp": "curvature"}.get(head, "global")
+        if method == "curvature-quick":
+            self.curvature_mode = "quick"
+        method = "curvature" if method == "curvature-quick" else method
         if method == "pairwise" and head != "lln":
             raise ConfigError(f"the pairwise certificate needs an LLN head; this model's head is {head!r}")
         if method == "curvature" and head != "mlp":
@@ -132,7 +138,7 @@ class Certifier:
             if method == "pairwise":
                 self.row_distances = model.head.pairwise_row_distances()
             else:
-                self.curvature = model.head.curvature_certifier(self.feature_lipschitz)
+                self.curvature = model.head.curvature_certifier(self.feature_lipschitz, mode=self.curvature_mode)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -412,7 +418,7 @@ def certify_dataset(
             "available": total,
         },
         "certificate": {
-            "method": cert.method,
+            "method": cert.method + ("-quick" if cert.method == "curvature" and cert.curvature_mode == "quick" else ""),
             "lipschitz_upper_bound": _finite_or_none(upper),
             "feature_lipschitz_upper_bound": _finite_or_none(feature_upper),
             "bound_source": cert.bound_source,

@@ -289,3 +289,19 @@ def test_gates_and_format_from_environment_variables(ckpt):
     # each verdict is exactly one line, whatever the terminal width (CI logs are grepped)
     assert any(ln.startswith("gate 100@0.001 FAILED") and ln.endswith("required >= 100%")
                for ln in r.stderr.splitlines())
+
+
+def test_curvature_quick_certificate_of_an_mlp_head(tmp_path):
+    from certify.models import create_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = create_model("lipconvnet5_mlp", width=2, mlp_hidden=16)
+    path = save(tmp_path / "mlp.safetensors", model, dataset="synthetic", data_seed=3, seed=9,
+                synthetic_size=SYN, val_split=20)
+    for method in ("curvature", "curvature-quick"):
+        r = run(path, "--certificate", method, "--limit", "8", "--format", "json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["certificate"]["method"] == method
+    r = run(path, "--certificate", "pairwise", "--limit", "8")
+    one_line_error(r, 1, "LLN head")  # a certificate the model cannot have: a runtime error, like other model misfits

@@ -320,6 +320,12 @@ def test_certifier_on_tiny_lipconvnet_is_sound_against_perturbations():
     with torch.no_grad():
         r_quick = quick(model.features(x), logits)
     assert (r_quick <= radius).all()
+    # The same quick certificate through the Certifier (`lipcert certify --certificate curvature-quick`).
+    cert_quick = Certifier(model, "curvature-quick")
+    assert cert_quick.method == "curvature" and cert_quick.curvature_mode == "quick"
+    assert torch.equal(cert_quick(x)[3], r_quick)
+    with pytest.raises(ConfigError, match="MLP head"):
+        Certifier(create_model("lipconvnet5", width=4, head="lln"), "curvature-quick")
     gen = torch.Generator().manual_seed(0)
     inside = 0.999 * radius.float()
     for _ in range(5):  # random directions on the sphere of the certified radius

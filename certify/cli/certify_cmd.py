@@ -76,7 +76,8 @@ def _int_or(value, default):
                    "(0.5); repeatable. Default: 36/255, 72/255, 108/255.")
 @click.option("--certificate", type=click.Choice(CERTIFICATE_METHODS), default="auto", show_default=True,
               help="auto: the tightest sound certificate for the model's head (pairwise for LLN, "
-                   "curvature for MLP, global otherwise).")
+                   "curvature for MLP, global otherwise); curvature-quick: the closed-form curvature "
+                   "certificate of an MLP head (sound, looser, faster than the tight one).")
 @click.option("--lipschitz", type=float, default=None, metavar="VALUE",
               help="A Lipschitz upper bound you vouch for, for a model that is not 1-Lipschitz by "
                    "construction (global certificate; the report marks it user-supplied).")
