@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--synthetic", action="store_true", help="synthetic data instead (a smoke test)")
     p.add_argument("--concurrent", action="store_true", help="run both rows at once, each on its own core")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
-    p.add_argument("--audit-limit", type=int, default=200, help="validation images the audit attacks")
+    p.add_argument("--audit-limit", type=int, default=50,
+                   help="validation images the audit attacks (about 20 s each at width 8 on one core)")
     p.add_argument("--workers", type=int, default=2, help="JPEG decoding threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None)

@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .certificates import STANDARD_EPS, Certifier, parse_eps
 from .budget import BudgetPlanner
+from .certificates import STANDARD_EPS, Certifier, parse_eps
 from .checkpoint import atomic_write_bytes, save
 from .data import ImageDataset, augment_batch, load_dataset, to_float
 from .errors import ConfigError, LipcertError, RunFolderError
@@ -644,11 +644,13 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
                 iteration += 1
                 done_steps += 1
                 if planner is not None:
+                    unplanned = planner.planned_steps is None
                     planner.step_done()
-                    if planner.planned_steps is not None and d.world > 1:
-                        _agree_plan(planner, d, device)
+                    if unplanned and planner.planned_steps is not None and d.world > 1:
+                        _agree_plan(planner, d, device)  # every rank plans at the same step
                     if planner.planned_steps is not None and not planned_logged:
                         planned_logged = True
+                        bars.set_total_steps(planner.planned_steps)
                         log(f"budget: {planner.seconds_per_step:.3f}s per step measured, {planner.planned_steps} "
                             f"steps planned ({planner.planned_steps / steps:.2f} epochs)")
                 with torch.no_grad():
@@ -670,6 +672,8 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
                     planner.replan()
                     if d.world > 1:
                         _agree_plan(planner, d, device)
+                    if planner.planned_steps is not None:
+                        bars.set_total_steps(planner.planned_steps)
                     finished = planner.finished()
                 last_epoch = last_epoch or finished
                 planner.pause()  # validation and checkpoints are not training time
@@ -793,6 +797,11 @@ class _Progress:
             rate = f"{self.images / max(time.perf_counter() - self.t0, 1e-9):.0f}"
             self.p.update(self.epoch, advance=1, rate=rate)
             self.p.update(self.run, advance=1, rate=rate)
+
+    def set_total_steps(self, total: int) -> None:
+        """A budgeted run knows its length once planned: the run bar follows the plan."""
+        if self.p:
+            self.p.update(self.run, total=total)
 
     def status(self, text: str) -> None:
         if self.p:

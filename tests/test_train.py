@@ -228,3 +228,23 @@ def test_ddp_on_gloo_matches_a_single_process(tmp_path):
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
     rows = list(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
     assert len(rows) == 2 and float(rows[-1]["val_clean_acc"]) == pytest.approx(single.metrics[-1]["val_clean_acc"])
+
+
+def test_ddp_with_a_time_budget_stops_every_rank_together(tmp_path):
+    """Under torchrun every rank takes the same plan and stops at the same step (a rank that
+    stopped alone would hang the others in their next all-reduce)."""
+    args = ["train", "--model", "lipconvnet5", "--width", "2", "--synthetic-size", "40", "--batch-size", "12",
+            "--epochs", "1000", "--budget-minutes", "0.1", "--power-iters", "1", "--device", "cpu", "--no-progress",
+            "--output", str(tmp_path / "ddp")]
+    lipcert = [sys.executable, "-c", "from certify.cli import main; main()"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(_torchrun() + ["--nproc_per_node", "2", "--no-python"] + lipcert + args,
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    state = torch.load(tmp_path / "ddp" / "train_state.pt", weights_only=True)
+    assert state["finished"]
+    on_plan = state["iteration"] == state["budget"]["planned_steps"]
+    assert on_plan or state["budget"]["used_s"] >= 6.0  # stopped on the plan, or by the hard stop
+    assert state["budget"]["used_s"] < 6.0 + 5.0
+    rows = list(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
+    assert rows[-1]["val_clean_acc"] != ""
