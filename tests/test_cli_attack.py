@@ -88,11 +88,13 @@ def _labels_from_predictions(ckpt, n=6):
     return ImageDataset("synthetic", "val", imgs, labels, [str(i) for i in range(10)], (0.5,) * 3, (0.25,) * 3)
 
 
-def test_audit_passes_and_reports_tightness(ckpt, monkeypatch):
+@pytest.mark.parametrize("eval_path", ["taylor", "fast"])
+def test_audit_passes_and_reports_tightness(ckpt, monkeypatch, eval_path):
     ds = _labels_from_predictions(ckpt)
     monkeypatch.setattr(certify.data, "load_dataset", lambda *a, **k: ds)
-    r = run(ckpt, *FAST, "--audit", "--format", "json")
+    r = run(ckpt, *FAST, "--audit", "--format", "json", "--eval", eval_path)
     assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["config"]["eval"] == eval_path
     audit = json.loads(r.stdout)["audit"]
     assert audit["certified_audited"] > 0 and audit["violations"] == 0 and audit["passed"]
     assert audit["tightness"]["min"] >= 1
