@@ -44,7 +44,8 @@ class BudgetPlanner:
             raise ConfigError(f"the time budget must be positive, got {budget_s} s")
         if warmup_steps < 0 or measure_steps < 1 or not 0 <= margin < 1:
             raise ConfigError("budget planner: warmup_steps >= 0, measure_steps >= 1 and 0 <= margin < 1")
-        self.budget_s, self.warmup_steps, self.measure_steps, self.margin = float(budget_s), warmup_steps, measure_steps, margin
+        self.budget_s, self.margin = float(budget_s), margin
+        self.warmup_steps, self.measure_steps = warmup_steps, measure_steps
         self.clock = clock or _clock
         self._used = float(used_s)
         self._since: float | None = None
