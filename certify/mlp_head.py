@@ -403,7 +403,7 @@ class MLPHead(nn.Module):
         log scale around the quick certificate's optimal eta, by bisection on the sign of
         g(phi + d) (= dD/deta / 2 at the minimiser, D being concave in eta).
         """
-        beta, w1, b1 = pairs.beta, pairs.w1, pairs.b1
+        beta, w1 = pairs.beta, pairs.w1
         fdim, hdim = pairs.features, pairs.hidden
         w = pairs.wdiff[y, j]  # (R, H)
         bb = pairs.bdiff[y, j]

@@ -336,7 +336,7 @@ def _setup_distributed(device_spec: str) -> tuple[_Dist, torch.device]:
         return _Dist(), resolve_device(device_spec)
     import torch.distributed as dist
 
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_spec)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per process
