@@ -670,9 +670,9 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
                 finished = planner.finished() or done_steps < steps
                 if not finished:
                     planner.replan()
-                    if d.world > 1:
-                        _agree_plan(planner, d, device)
-                    if planner.planned_steps is not None:
+                    if planner.planned_steps is not None:  # not before the first plan (same step on every rank)
+                        if d.world > 1:
+                            _agree_plan(planner, d, device)
                         bars.set_total_steps(planner.planned_steps)
                     finished = planner.finished()
                 last_epoch = last_epoch or finished
