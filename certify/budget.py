@@ -3,9 +3,9 @@
 A budgeted run (``TrainConfig.budget_minutes``) does not know in advance how many steps fit, yet the
 learning-rate schedule needs the total. :class:`BudgetPlanner` times the first steps (after a
 warm-up that pays one-off costs: allocator growth, kernel selection), sets the planned total to the
-steps done plus the steps that fit in the time left, and re-plans after every epoch from the
-average cost per step so far (which then includes the per-epoch work: power iterations, the data
-shuffle). The schedule is evaluated on the planned total, so it ends where the budget ends, and a
+steps done plus the steps that fit in the time left, and re-plans every 5% of the planned steps
+and after every epoch from the average cost per step so far (which then includes the per-epoch
+work: power iterations, the data shuffle). The schedule is evaluated on the planned total, so it ends where the budget ends, and a
 hard stop ends training the moment the budget is spent, whatever the plan said.
 
 Only training time counts: the training loop pauses the clock while it certifies the validation
@@ -55,6 +55,7 @@ class BudgetPlanner:
         self._session_steps = 0
         self._session_start_used = self._used
         self._session_first_step = self.steps_done
+        self._last_plan_step = self.steps_done
         self.planned_steps = planned_steps
 
     # ---- the clock ------------------------------------------------------------------------
@@ -93,11 +94,21 @@ class BudgetPlanner:
                 self._times.append(now - self._step_start)
         self._step_start = now
 
-    def step_done(self) -> None:
-        """Record one finished step; plan once the measurement window is complete."""
+    def step_done(self) -> bool:
+        """Record one finished step; plan once the measurement window is complete, then re-plan
+        every 5% of the planned steps (at least 20), so that a run shorter than an epoch also
+        follows the measured speed. Returns True when the plan changed at this step (the same
+        step on every process of a distributed run, whose plans must then be agreed)."""
         self.steps_done += 1
-        if self.planned_steps is None and len(self._times) >= self.measure_steps:
-            self._plan(statistics.median(self._times))
+        if self.planned_steps is None:
+            if len(self._times) >= self.measure_steps:
+                self._plan(statistics.median(self._times))
+                return True
+            return False
+        if self.steps_done - self._last_plan_step >= max(20, self.planned_steps // 20):
+            self.replan()
+            return True
+        return False
 
     def replan(self) -> None:
         """Re-plan from the average cost per step since this session started (call it at the end
@@ -111,6 +122,7 @@ class BudgetPlanner:
     def _plan(self, seconds_per_step: float) -> None:
         fit = math.floor(self.remaining_s * (1 - self.margin) / max(seconds_per_step, 1e-9))
         self.planned_steps = self.steps_done + max(fit, 0)
+        self._last_plan_step = self.steps_done
 
     @property
     def seconds_per_step(self) -> float | None:

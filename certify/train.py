@@ -644,10 +644,8 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
                 iteration += 1
                 done_steps += 1
                 if planner is not None:
-                    unplanned = planner.planned_steps is None
-                    planner.step_done()
-                    if unplanned and planner.planned_steps is not None and d.world > 1:
-                        _agree_plan(planner, d, device)  # every rank plans at the same step
+                    if planner.step_done() and d.world > 1:
+                        _agree_plan(planner, d, device)  # every rank (re)plans at the same step
                     if planner.planned_steps is not None and not planned_logged:
                         planned_logged = True
                         bars.set_total_steps(planner.planned_steps)

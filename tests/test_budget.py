@@ -73,6 +73,22 @@ def test_planner_hard_stop_when_steps_slow_down_and_replan_shrinks_the_plan():
     assert p.finished()
 
 
+def test_planner_replans_within_an_epoch_when_the_speed_changes():
+    """A run shorter than one epoch (the paper's recipe on a CPU) still follows the measured
+    speed: the plan is revised every 5% of the planned steps (at least 20)."""
+    t = [0.0]
+    p = BudgetPlanner(1000.0, warmup_steps=0, measure_steps=2, margin=0.0, clock=lambda: t[0])
+    p.resume()
+    steps(p, t, (10.0, 10.0, 10.0))
+    assert p.planned_steps == 3 + 97
+    steps(p, t, [5.0] * 19)  # faster than measured
+    assert p.planned_steps == 100  # 19 steps since the plan: not yet
+    p.step_started()
+    t[0] += 5.0
+    assert p.step_done()  # the 20th step re-plans: 130 s over 23 steps, 870 s left
+    assert p.planned_steps == 23 + math.floor(870 / (130 / 23))
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
 def test_planner_rejects_bad_budgets(bad):
     with pytest.raises(ConfigError, match="budget"):
