@@ -4,8 +4,8 @@
   SOC with 6 Taylor terms and the fast backward, MaxMin, max pooling, orthogonal head, SGD lr 0.1,
   momentum 0.9, weight decay 5e-4, crop + flip, batch 128, lr x0.1 at 50% and 75% of the steps,
   cross-entropy. This is also what ``lipcert train`` does with no recipe.
-- ``budget``: the best certified accuracy per minute we found on a CPU (issue 9,
-  bench/budget_recipe.py): a narrow LipConvnet-5 trained with the offset cross-entropy (the margin
+- ``budget``: aimed at certified accuracy per CPU minute, chosen from throughput measurements and
+  an ablation (issue 9, bench/budget_recipe.py; not a sweep): a narrow LipConvnet-5 trained with the offset cross-entropy (the margin
   that certifies 36/255) and a cosine schedule fitted to a wall-clock budget (default 70 minutes; see
   :mod:`certify.budget`). The schedule logic is budget-based, so the same preset uses a GPU's speed
   for more epochs, not a different recipe.
