@@ -5,9 +5,9 @@
   momentum 0.9, weight decay 5e-4, crop + flip, batch 128, lr x0.1 at 50% and 75% of the steps,
   cross-entropy. This is also what ``lipcert train`` does with no recipe.
 - ``budget``: aimed at certified accuracy per CPU minute, chosen from throughput measurements and
-  an ablation (issue 9, bench/budget_recipe.py; not a sweep): a narrow LipConvnet-5 trained with the offset cross-entropy (the margin
-  that certifies 36/255) and a cosine schedule fitted to a wall-clock budget (default 70 minutes; see
-  :mod:`certify.budget`). The schedule logic is budget-based, so the same preset uses a GPU's speed
+  an ablation, not a sweep (issue 9, bench/budget_recipe.py): a narrow LipConvnet-5 trained with
+  the offset cross-entropy (the margin that certifies 36/255) and a cosine schedule fitted to a
+  wall-clock budget (default 70 minutes; see :mod:`certify.budget`). The schedule logic is budget-based, so the same preset uses a GPU's speed
   for more epochs, not a different recipe.
 
 A recipe only fills in options that were not given: ``--recipe budget --width 16`` trains width 16.
