@@ -158,9 +158,10 @@ def test_cli_recipe_budget(tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, ["train", "--recipe", "budget", "--budget-minutes", "0.05", "--width", "2",
                                  "--synthetic-size", "40", "--batch-size", "12", "--power-iters", "1",
-                                 "--device", "cpu", "--no-progress", "--output", str(out)])
+                                 "--device", "cpu", "--no-progress", "--channels-last", "--output", str(out)])
     assert r.exit_code == 0, r.output
     config = json.loads((out / "config.json").read_text())
+    assert config["channels_last"] is True
     assert config["recipe"] == "budget" and config["width"] == 2 and config["loss"] == "offset"
     assert config["schedule"] == "cosine" and config["budget_minutes"] == 0.05
     assert "time budget 0.05 min" in r.stderr

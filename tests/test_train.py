@@ -248,3 +248,13 @@ def test_ddp_with_a_time_budget_stops_every_rank_together(tmp_path):
     assert state["budget"]["used_s"] < 6.0 + 5.0
     rows = list(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
     assert rows[-1]["val_clean_acc"] != ""
+
+
+def test_channels_last_trains_the_same_weights(tmp_path, reference_run):
+    """The NHWC memory format changes the speed, not the result (up to summation order)."""
+    result = train(tiny(tmp_path / "nhwc", channels_last=True), verbose=False)
+    a, b = tensors(tmp_path / "nhwc" / "model.safetensors"), tensors(reference_run[1] / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    assert result.metrics[-1]["val_clean_acc"] == pytest.approx(reference_run[0].metrics[-1]["val_clean_acc"])

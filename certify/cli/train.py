@@ -79,6 +79,9 @@ def _model_options(f):
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Logits are divided by this before the softmax.")
 @click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=None, help="Clip the gradient norm.")
+@click.option("--channels-last", is_flag=True,
+              help="NHWC memory format: faster for narrow networks on a CPU (1.5x per step at width 8, "
+                   "slower at width 32); measure before using it elsewhere.")
 @click.option("--amp", is_flag=True, help="bfloat16 autocast (CUDA; also allowed on CPU). Certification stays float32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation, data order and augmentation.")
