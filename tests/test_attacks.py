@@ -27,16 +27,6 @@ from certify.soc import SOC
 SHAPE = (3, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on 2 shared cores torch's default of 2 threads spins against the other
-    processes and runs these tiny models ~20x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _blobs(n: int, seed: int, signal: float = 0.08, classes: int = 3):
     """Images near 0.5 whose class raises one colour channel a little: separable, but only by a
     small l2 distance (class means are about signal * 8 * sqrt(2) ~ 0.9 apart)."""

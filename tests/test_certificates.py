@@ -26,16 +26,6 @@ from certify.errors import ConfigError, DataError, NotLipschitzError
 from certify.heads import LLNHead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, torch's thread pool spinning against
-    other processes makes small convolutions 10-30 times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class LinearModel(nn.Module):
     """A fixed linear classifier on 1x4x4 images with its exact spectral norm as the bound."""
 

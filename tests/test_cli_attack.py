@@ -19,16 +19,6 @@ from certify.data import ImageDataset
 FAST = ["--attack", "apgd-ce", "--steps", "2", "--search-steps", "1", "--batch-size", "8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on 2 shared cores torch's default of 2 threads spins against the other
-    processes and runs these tiny models ~20x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from certify.models import create_model

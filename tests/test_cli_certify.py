@@ -19,14 +19,6 @@ from certify.cli._common import EXIT_ERROR, EXIT_GATE, EXIT_USAGE
 SYN = 60  # synthetic pool size recorded in the checkpoint: small, so loading is instant
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # OpenMP spinning on a shared 2-core machine makes convs 10x slower
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from certify.models import create_model

@@ -7,23 +7,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
 from click.testing import CliRunner
 
 from certify.cli import cli
 from certify.models import list_models
 
 DEPTHS = (5, 10, 15, 20, 25, 30, 35, 40)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops: a 2-thread pool on a shared 2-core machine mostly waits (10x slower under load).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _run(*args):

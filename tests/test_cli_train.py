@@ -6,21 +6,12 @@ import csv
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from certify.cli import cli
 
 TINY = ["--model", "lipconvnet5", "--width", "2", "--synthetic-size", "40", "--batch-size", "12",
         "--power-iters", "1", "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_train.py: OpenMP spinning on a shared machine
-    yield
-    torch.set_num_threads(n)
 
 
 def run(*args, env=None):

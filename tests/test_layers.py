@@ -28,15 +28,6 @@ ACTIVATIONS = {"maxmin": MaxMin, "hh1": HouseholderOrder1, "hh2": HouseholderOrd
 POOLINGS = {"max": MaxChannelPool, "lip": LipChannelPool}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops: a 2-thread pool on a shared 2-core machine mostly waits (10x slower under load).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _layer(cls, channels: int, seed: int, spread: float = 0.0, dtype=torch.float64):
     """A layer with its angles drawn uniformly in [-spread, 2 pi + spread] (spread > 0 goes past
     every clamp range), or at its own initialisation when spread is 0."""

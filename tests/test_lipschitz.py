@@ -20,15 +20,6 @@ from certify.lipschitz import LayerBound, Normalize, empirical_lower_bound, laye
 from certify.soc import SOC
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops: a 2-thread pool on a shared 2-core machine mostly waits (10x slower under load).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class Chain(nn.Module):
     """A sequential model that reports the product of its layers' bounds, like LipConvNet."""
 

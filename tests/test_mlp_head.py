@@ -17,15 +17,6 @@ from certify.errors import ConfigError
 from certify.mlp_head import MLPHead, exact_pair_curvatures, softplus64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine is shared; tiny float64 problems run fastest on one thread anyway.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def random_head(seed: int, features=8, hidden=16, classes=4, beta=1.0, scale=3.0) -> MLPHead:
     torch.manual_seed(seed)
     head = MLPHead(features, classes, hidden=hidden, beta=beta)

@@ -33,15 +33,6 @@ DEPTHS = (5, 10, 15, 20, 25, 30, 35, 40)
 CIFAR_INV_STD = 1 / 0.2507
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops: a 2-thread pool on a shared 2-core machine mostly waits (10x slower under load).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def variant(name: str) -> dict:
     """A different (activation, pooling, head) for each registered model, so that across the
     registry every option is built and bounded at least once (checked by test_variants_cover_all)."""

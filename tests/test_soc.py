@@ -21,16 +21,6 @@ from certify.soc import SOC, _FastSOC, skew_conv_norm_bound, taylor_series, tran
 SETTINGS = settings(deadline=None, max_examples=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The ops here are tiny; on a shared 2-core machine torch's 2-thread pool spends most of its
-    # time waiting for the other thread (a 10x slowdown measured under load).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _seeded_soc(seed: int, *args, **kwargs) -> SOC:
     with torch.random.fork_rng():
         torch.manual_seed(seed)

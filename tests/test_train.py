@@ -24,16 +24,6 @@ TINY = dict(model="lipconvnet5", width=2, dataset="synthetic", synthetic_size=40
             epochs=2, power_iters=2, lr=0.05)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads spinning against other
-    processes cost far more CPU than they save on these tiny layers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """One uninterrupted 2-epoch tiny run, shared by the tests that inspect or compare with it."""
