@@ -140,6 +140,11 @@ class Certifier:
             else:
                 self.curvature = model.head.curvature_certifier(self.feature_lipschitz, mode=self.curvature_mode)
 
+    @property
+    def name(self) -> str:
+        """The certificate as the user names it (``curvature-quick`` for the quick curvature one)."""
+        return "curvature-quick" if self.method == "curvature" and self.curvature_mode == "quick" else self.method
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, predictions, margins (float64) and certified radii (float64) of a batch."""
@@ -418,7 +423,7 @@ def certify_dataset(
             "available": total,
         },
         "certificate": {
-            "method": cert.method + ("-quick" if cert.method == "curvature" and cert.curvature_mode == "quick" else ""),
+            "method": cert.name,
             "lipschitz_upper_bound": _finite_or_none(upper),
             "feature_lipschitz_upper_bound": _finite_or_none(feature_upper),
             "bound_source": cert.bound_source,

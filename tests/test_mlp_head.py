@@ -314,6 +314,7 @@ def test_certifier_on_tiny_lipconvnet_is_sound_against_perturbations():
     # The same quick certificate through the Certifier (`lipcert certify --certificate curvature-quick`).
     cert_quick = Certifier(model, "curvature-quick")
     assert cert_quick.method == "curvature" and cert_quick.curvature_mode == "quick"
+    assert cert_quick.name == "curvature-quick" and cert.name == "curvature"
     assert torch.equal(cert_quick(x)[3], r_quick)
     with pytest.raises(ConfigError, match="MLP head"):
         Certifier(create_model("lipconvnet5", width=4, head="lln"), "curvature-quick")
