@@ -2,12 +2,16 @@
 
 Prints, with the environment:
   1. certification throughput (images/s): lipcert's Certifier on the fast evaluation path (cached
-     plans, Chebyshev degree from the sound bound, 1x1 layers as one matrix; bound included once,
-     reported separately) vs the baseline's 15-term Taylor evaluation forward, LipConvnet-5/-10;
+     plans, Chebyshev degree from the sound bound, 1x1 layers as one matrix, small-map layers as one
+     dense matrix where that pays off over a run of 10,000 or 50,000 images; bound and plans built
+     once, reported separately and in an end-to-end ratio) vs the baseline's 15-term Taylor
+     evaluation forward, LipConvnet-5/-10;
   2. training step time (forward + backward + SGD step): lipcert's training path vs the baseline
      with the paper's fast backward, LipConvnet-5/-10;
   3. peak memory (max RSS growth of one training step, each in a fresh subprocess);
-  4. how lipcert's step time grows with depth and batch size.
+  4. a profile: FLOPs per image or step (torch's FLOP counter) and the GFLOP/s each side reaches,
+     and where one lipcert training step spends its time (torch.profiler);
+  5. how lipcert's step time grows with depth and batch size.
 Timings are interleaved (baseline, lipcert, baseline, ...) and the median of --repeats is used.
 
     python bench/perf_vs_baseline.py                 # full run (tens of minutes on 2 cores)
@@ -17,6 +21,7 @@ Timings are interleaved (baseline, lipcert, baseline, ...) and the median of --r
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -28,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import cpu_name  # noqa: E402
@@ -35,6 +41,7 @@ from baseline_soc import BaselineLipConvNet  # noqa: E402
 
 from certify.certificates import Certifier  # noqa: E402
 from certify.models import create_model  # noqa: E402
+from certify.soc import SOC, set_eval_mode  # noqa: E402
 
 
 def environment() -> str:
@@ -60,27 +67,56 @@ def pair_models(depth: int, width: int, train: bool):
     return base.train(train), ours.train(train)
 
 
+def gflops(fn) -> float:
+    """GFLOP of one call of ``fn`` (forward and backward ops alike), by torch's FLOP counter."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
 
 
-def bench_certify(depth, width, batch, repeats):
+def bench_certify(depth, width, batch, repeats, runs=(10_000, 50_000)):
+    """Baseline vs lipcert's fast path planned for certification runs of each size in ``runs``
+    (the size decides which small-map layers become dense matrices: their build must pay off)."""
     base, ours = pair_models(depth, width, train=False)
     x = torch.rand(batch, 3, 32, 32)
-    t0 = time.perf_counter()
-    cert = Certifier(ours)  # the sound bound (and the eval plans), once per model
-    setup = time.perf_counter() - t0
+    variants = []
+    for images in runs:
+        model = copy.deepcopy(ours)
+        set_eval_mode(model, "fast", images=images)
+        t0 = time.perf_counter()
+        cert = Certifier(model)  # the sound bound (and the eval plans, dense ones included), once
+        setup = time.perf_counter() - t0
+        dense = sum(1 for m in model.modules() if isinstance(m, SOC) and m._plan.kind == "dense")
+        variants.append({"images": images, "cert": cert, "model": model, "setup": setup, "dense": dense})
     with torch.no_grad():
-        diff = float((base(x) - ours(x)).abs().max())
-        tb, to = [], []
+        ref = base(x)
+        base_gf = gflops(lambda: base(x))
+        for v in variants:
+            v["diff"] = float((ref - v["model"](x)).abs().max())
+            v["gf"] = gflops(lambda: v["model"](x))
+        tb, tv = [], [[] for _ in variants]
         for _ in range(repeats):
             tb.append(timed(lambda: base(x)))
-            to.append(timed(lambda: cert(x)))
-    b, o = statistics.median(tb), statistics.median(to)
-    return {"depth": depth, "batch": batch, "baseline_img_s": batch / b, "lipcert_img_s": batch / o,
-            "speedup": b / o, "setup_s": setup, "max_logit_diff": diff, "L": cert.lipschitz}
+            for v, t in zip(variants, tv):
+                t.append(timed(lambda: v["cert"](x)))
+    b = statistics.median(tb)
+    rows = []
+    for v, t in zip(variants, tv):
+        o = statistics.median(t)
+        # end to end for a run of that size: the one-time setup plus the images at the measured rate
+        e2e_base, e2e_ours = v["images"] * b / batch, v["setup"] + v["images"] * o / batch
+        rows.append({"depth": depth, "images": v["images"], "baseline_img_s": batch / b,
+                     "lipcert_img_s": batch / o, "speedup": b / o, "setup_s": v["setup"], "dense": v["dense"],
+                     "end_to_end": e2e_base / e2e_ours, "max_logit_diff": v["diff"], "L": v["cert"].lipschitz,
+                     "baseline_gflop_img": base_gf / batch, "lipcert_gflop_img": v["gf"] / batch,
+                     "baseline_gflop_s": base_gf / b, "lipcert_gflop_s": v["gf"] / o})
+    return rows
 
 
 def train_step(model, opt, x, y):
@@ -101,7 +137,9 @@ def bench_train(depth, width, batch, repeats):
         tb.append(timed(lambda: train_step(base, ob, x, y)))
         to.append(timed(lambda: train_step(ours, oo, x, y)))
     b, o = statistics.median(tb), statistics.median(to)
-    return {"depth": depth, "batch": batch, "baseline_s": b, "lipcert_s": o, "speedup": b / o}
+    gb, go = gflops(lambda: train_step(base, ob, x, y)), gflops(lambda: train_step(ours, oo, x, y))
+    return {"depth": depth, "batch": batch, "baseline_s": b, "lipcert_s": o, "speedup": b / o,
+            "baseline_gflop": gb, "lipcert_gflop": go, "baseline_gflop_s": gb / b, "lipcert_gflop_s": go / o}
 
 
 def _rss_mib(field: str) -> float:
@@ -143,8 +181,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="width 8, small batches, 3 repeats")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
-    p.add_argument("--sections", default="certify,train,memory,scaling",
-                   help="comma-separated subset of certify,train,memory,scaling")
+    p.add_argument("--sections", default="certify,train,memory,profile,scaling",
+                   help="comma-separated subset of certify,train,memory,profile,scaling")
     args = p.parse_args()
     if args.memory_child:
         kind, d, w, b = args.memory_child
@@ -164,27 +202,48 @@ def main() -> None:
         train_section(width, tbatch, repeats)
     if "memory" in sections:
         memory_section(width, tbatch)
+    if "profile" in sections:
+        profile_section(width, tbatch)
     if "scaling" in sections:
         scaling_section(width, repeats, args.quick)
 
 
 def certify_section(width, cbatch, repeats):
     print("## Certification throughput (eval forward + radii), batch", cbatch)
-    print("| model | baseline img/s | lipcert img/s | speedup | lipcert one-time setup s | max logit diff |")
-    print("|---|---|---|---|---|---|")
+    print("lipcert's fast path is planned for a certification run of N images: SOC layers on small maps")
+    print("become one dense matrix where its one-time build (float64, then its exact norm) pays off over N.")
+    print("Throughput excludes the setup; 'end to end' is the time for the N images including it.\n")
+    rows = []
+    print("| model | run of N images | dense layers | baseline img/s | lipcert img/s | speedup | "
+          "lipcert one-time setup s | end to end | max logit diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for depth in (5, 10):
-        r = bench_certify(depth, width, cbatch, repeats)
-        print(f"| LipConvnet-{depth} | {r['baseline_img_s']:.1f} | {r['lipcert_img_s']:.1f} | "
-              f"{r['speedup']:.2f}x | {r['setup_s']:.1f} | {r['max_logit_diff']:.1e} |", flush=True)
+        for r in bench_certify(depth, width, cbatch, repeats):
+            rows.append(r)
+            print(f"| LipConvnet-{depth} | {r['images']:,} | {r['dense']} | {r['baseline_img_s']:.1f} | "
+                  f"{r['lipcert_img_s']:.1f} | {r['speedup']:.2f}x | {r['setup_s']:.1f} | {r['end_to_end']:.2f}x | "
+                  f"{r['max_logit_diff']:.1e} |", flush=True)
+    print("\nWhat bounds it: floating-point work per image (torch's FLOP counter) and the rate achieved.")
+    print("If both ran at the same GFLOP/s, the speedup would be the FLOP ratio.\n")
+    print("| model | run of N images | baseline GFLOP/img | lipcert GFLOP/img | FLOP ratio | baseline GFLOP/s | "
+          "lipcert GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| LipConvnet-{r['depth']} | {r['images']:,} | {r['baseline_gflop_img']:.2f} | "
+              f"{r['lipcert_gflop_img']:.2f} | {r['baseline_gflop_img'] / r['lipcert_gflop_img']:.2f}x | "
+              f"{r['baseline_gflop_s']:.0f} | {r['lipcert_gflop_s']:.0f} |")
 
 
 def train_section(width, tbatch, repeats):
     print("\n## Training step (forward + backward + SGD), batch", tbatch)
-    print("| model | baseline (fast backward) s | lipcert s | speedup |")
-    print("|---|---|---|---|")
+    print("| model | baseline (fast backward) s | lipcert s | speedup | baseline GFLOP | lipcert GFLOP | "
+          "baseline GFLOP/s | lipcert GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for depth in (5, 10):
         r = bench_train(depth, width, tbatch, repeats)
-        print(f"| LipConvnet-{depth} | {r['baseline_s']:.2f} | {r['lipcert_s']:.2f} | {r['speedup']:.2f}x |", flush=True)
+        print(f"| LipConvnet-{depth} | {r['baseline_s']:.2f} | {r['lipcert_s']:.2f} | {r['speedup']:.2f}x | "
+              f"{r['baseline_gflop']:.0f} | {r['lipcert_gflop']:.0f} | {r['baseline_gflop_s']:.0f} | "
+              f"{r['lipcert_gflop_s']:.0f} |", flush=True)
 
 
 def memory_section(width, tbatch):
@@ -194,6 +253,27 @@ def memory_section(width, tbatch):
     for depth in (5, 10):
         r = bench_memory(depth, width, tbatch)
         print(f"| LipConvnet-{depth} | {r['baseline_mib']:.0f} | {r['lipcert_mib']:.0f} |", flush=True)
+
+
+def profile_section(width, tbatch):
+    """Where one lipcert training step spends its time (torch.profiler, self CPU time by op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print("\n## Profile of one lipcert training step (LipConvnet-5), batch", tbatch)
+    _, ours = pair_models(5, width, train=True)
+    x, y = torch.rand(tbatch, 3, 32, 32), torch.randint(0, 10, (tbatch,))
+    opt = torch.optim.SGD(ours.parameters(), lr=0.01, momentum=0.9)
+    train_step(ours, opt, x, y)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(ours, opt, x, y)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key or "mkldnn" in e.key)
+    print(f"convolutions: {100 * conv / total:.0f}% of the step's self CPU time\n")
+    print("| op | self CPU s | share |")
+    print("|---|---|---|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]:
+        print(f"| {e.key} | {e.self_cpu_time_total / 1e6:.2f} | {100 * e.self_cpu_time_total / total:.1f}% |")
 
 
 def scaling_section(width, repeats, quick):

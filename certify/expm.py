@@ -84,3 +84,72 @@ def chebyshev_apply(x: torch.Tensor, apply_s: Callable[[torch.Tensor], torch.Ten
         # does not need its output)
         b1, b2 = apply_s(b1).mul_(2.0).add_(b2).add_(x, alpha=coeffs[k]), b1
     return apply_s(b1).add_(b2).add_(x, alpha=coeffs[0])
+
+
+def chebyshev_to_monomial(coeffs: list[float]) -> list[float]:
+    """Monomial coefficients m_j with ``sum_k c_k U_k(S) = sum_j m_j S^j``.
+
+    ``U_0 = 1, U_1 = S, U_{k+1} = 2 S U_k + U_{k-1}`` have integer coefficients (exact in float64
+    for the degrees used here); only the final weighted sums round. For exp(aS) with moderate a the
+    m_j are close to the Taylor coefficients a^j / j!, so the monomial form loses little accuracy.
+    """
+    polys: list[list[float]] = [[1.0], [0.0, 1.0]]
+    while len(polys) < len(coeffs):
+        nxt = [0.0] + [2.0 * c for c in polys[-1]]
+        for j, c in enumerate(polys[-2]):
+            nxt[j] += c
+        polys.append(nxt)
+    out = [0.0] * len(coeffs)
+    for c, poly in zip(coeffs, polys):
+        for j, pc in enumerate(poly):
+            out[j] += c * pc
+    return out
+
+
+def _ps_plan(degree: int) -> tuple[int, int]:
+    """(block size, matrix products) of the cheapest Paterson-Stockmeyer split of a polynomial."""
+    best = None
+    for b in range(1, degree + 2):
+        chunks = -(-(degree + 1) // b)
+        top_is_scalar = (degree + 1) - (chunks - 1) * b == 1
+        products = (b - 1) + (chunks - 1) - (1 if top_is_scalar and chunks > 1 else 0)
+        if best is None or products < best[1]:
+            best = (b, products)
+    return best
+
+
+def matrix_products(degree: int) -> int:
+    """Matrix products :func:`paterson_stockmeyer` needs for a polynomial of this degree."""
+    return _ps_plan(degree)[1]
+
+
+def paterson_stockmeyer(s: torch.Tensor, m: list[float]) -> torch.Tensor:
+    """``sum_j m_j S^j`` for a square matrix S with about 2 sqrt(degree) matrix products instead of
+    ``degree`` (Paterson & Stockmeyer, "On the number of nonscalar multiplications necessary to
+    evaluate polynomials", SIAM J. Comput. 1973): powers S^1..S^b, then Horner's rule in S^b over
+    blocks of b coefficients."""
+    degree = len(m) - 1
+    eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+    if degree == 0:
+        return m[0] * eye
+    b, _ = _ps_plan(degree)
+    powers = [eye, s]
+    for _ in range(b - 1):
+        powers.append(powers[-1] @ s)
+
+    def block(i: int) -> torch.Tensor:
+        out = torch.zeros_like(s)
+        for j, c in enumerate(m[i * b: (i + 1) * b]):
+            out.add_(powers[j], alpha=c)
+        return out
+
+    chunks = -(-(degree + 1) // b)
+    top = chunks - 1
+    if chunks > 1 and degree + 1 - top * b == 1:  # the top block is the scalar m_d: S^b m_d is free
+        result = block(top - 1).add_(powers[b], alpha=m[degree])
+        top -= 1
+    else:
+        result = block(top)
+    for i in range(top - 1, -1, -1):
+        result = (powers[b] @ result).add_(block(i))
+    return result

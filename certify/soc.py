@@ -19,16 +19,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .expm import chebyshev_apply, chebyshev_coefficients, chebyshev_error, choose_terms, taylor_error
+from .expm import (
+    chebyshev_apply,
+    chebyshev_coefficients,
+    chebyshev_error,
+    chebyshev_to_monomial,
+    choose_terms,
+    matrix_products,
+    paterson_stockmeyer,
+    taylor_error,
+)
 
 # Relative slack added to every float64 norm computation, far above its rounding error (about
 # 1e-13 for the sizes used here), so that a bound stays an upper bound after rounding.
 FLOAT64_SLACK = 1e-9
 
 
+# Largest operator dimension (channels x height x width) that the fast evaluation materialises as
+# one dense matrix: its float64 build holds a few n x n matrices (512 MiB each at 8192).
+DENSE_MAX = 8192
+
+
 def _real_matrix_norm_bound(a: torch.Tensor) -> float:
-    """Upper bound on the spectral norm of a real float64 matrix: sqrt(lambda_max(A^T A)), plus
-    the worst-case rounding error of the Gram product (n eps ||A||_F^2) and relative slack."""
+    """Upper bound on the spectral norm of a real float64 matrix: sqrt(lambda_max) of the smaller
+    Gram matrix, plus the worst-case rounding error of the Gram product (n eps ||A||_F^2 for an
+    inner dimension n) and relative slack."""
+    if a.shape[0] < a.shape[1]:
+        a = a.T  # same norm; the Gram matrix below is then the smaller one
     gram = a.T @ a
     n = a.shape[0]
     rounding = n * torch.finfo(torch.float64).eps * float(a.square().sum())
@@ -47,6 +64,45 @@ def strided_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
 def transpose_filter(w: torch.Tensor) -> torch.Tensor:
     """The filter of the adjoint convolution: swap in/out channels and flip both spatial axes."""
     return torch.flip(w.transpose(0, 1), dims=(2, 3))
+
+
+def dense_conv_matrix(w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The zero-padded "same" convolution by ``w`` (M, M, k, k) on an (h, w) map as one
+    (M h w) x (M h w) matrix, indexed like ``Tensor.flatten(1)`` of (M, h, w) feature maps, so
+    that ``conv2d(x, w, padding=k // 2).flatten(1) == x.flatten(1) @ matrix.T``. Its entries are the
+    filter's own values (no arithmetic), so it is exactly the same linear operator."""
+    m, k = w.shape[0], w.shape[-1]
+    h, wd = size
+    p = k // 2
+    a = w.new_zeros(m, h, wd, m, h, wd)
+    for di in range(k):
+        for dj in range(k):
+            # output pixel (i, j) reads input pixel (i + di - p, j + dj - p) where it exists
+            rows = [(i, i + di - p) for i in range(h) if 0 <= i + di - p < h]
+            cols = [(j, j + dj - p) for j in range(wd) if 0 <= j + dj - p < wd]
+            for i, ii in rows:
+                for j, jj in cols:
+                    a[:, i, j, :, ii, jj] = w[:, :, di, dj]
+    return a.reshape(m * h * wd, m * h * wd)
+
+
+def dense_pays_off(size: tuple[int, int], channels: int, kernel: int, terms: int, images: int,
+                   dense_dims: tuple[int, int]) -> bool:
+    """Whether one dense orthogonal operator is cheaper than ``terms - 1`` convolutions per image,
+    counting its one-time build over ``images`` images.
+
+    Cost model in float32 multiply-adds: the polynomial costs ``(terms - 1) h w M^2 k^2`` per image
+    (a padded convolution computes every tap), the dense operator ``n_out n_in`` per image. The
+    build costs the float64 products of n x n matrices of :func:`~certify.expm.paterson_stockmeyer`,
+    one more for the Gram matrix and about 1.5 for ``eigvalsh`` (its measured time on CPU), each
+    counted twice (float64 runs at about half the float32 rate). On 2x2 maps the operator is ~20x
+    cheaper per image than the polynomial; on 8x8 maps it is not worth it.
+    """
+    h, w = size
+    n = channels * h * w
+    saving = (terms - 1) * h * w * channels * channels * kernel * kernel - dense_dims[0] * dense_dims[1]
+    build = 2 * (matrix_products(terms - 1) + 2.5) * n**3
+    return saving > 0 and images * saving > build
 
 
 def _l2_normalize(t: torch.Tensor) -> torch.Tensor:
@@ -143,13 +199,21 @@ class _FastSOC(torch.autograd.Function):
 class _EvalPlan:
     """Input-independent tensors of a SOC layer's fast evaluation, and their sound bound."""
 
-    kind: str  # "chebyshev" (filter S, coefficients) or "matrix" (the whole 1x1 operator)
+    # "chebyshev" (filter S, coefficients), "matrix" (the whole 1x1 operator, channels x channels)
+    # or "dense" (the whole operator on the flattened (channels, h, w) map)
+    kind: str
     tensor: torch.Tensor
     coeffs: list[float] | None
     bound: float
     terms: int
+    out_shape: tuple[int, int, int] | None = None  # (channels, h, w) of a dense plan's output
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "dense":
+            c, h, w = self.out_shape
+            n_in = self.tensor.shape[1]
+            x = x[:, : n_in // (h * w)]  # drop the zero channels that padding added
+            return F.linear(x.flatten(1), self.tensor).view(x.shape[0], c, h, w)
         if self.kind == "matrix":
             if x.shape[1] > self.tensor.shape[1]:  # drop the zero channels that padding added
                 x = x[:, : self.tensor.shape[1]]
@@ -177,6 +241,11 @@ class SOC(nn.Module):
             that the truncation error stays below ``eval_tol`` (1x1 layers become one matrix).
             See :mod:`certify.expm`. Both are certified with their own rigorous bound.
         eval_tol: error tolerance of the ``"fast"`` evaluation (relative to ||exp(A)|| = 1).
+
+    Two attributes, set by :func:`set_eval_mode` rather than the constructor (they describe an
+    evaluation run, not the model): ``eval_images``, the number of images the fast path is expected
+    to serve (0, the default, never materialises a dense operator), and ``dense_max``, the largest
+    operator dimension to materialise.
     """
 
     def __init__(
@@ -210,6 +279,7 @@ class SOC(nn.Module):
         self.eval_mode, self.eval_tol = eval_mode, eval_tol
         self._plan: _EvalPlan | None = None
         self._plan_key: tuple | None = None
+        self.eval_images, self.dense_max = 0, DENSE_MAX
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -356,6 +426,13 @@ class SOC(nn.Module):
         return (self.weight._version, self.weight.data_ptr(), self.u1._version, self.u2._version,
                 self.u3._version, self.u4._version)
 
+    def _dense_fits(self, size: tuple[int, int], terms: int) -> bool:
+        h, w = size
+        n = self.channels * h * w
+        dims = (self.out_channels * h * w, self.in_channels_eff * h * w)
+        return n <= self.dense_max and dense_pays_off(size, self.channels, self.kernel_size, terms,
+                                                      self.eval_images, dims)
+
     @torch.no_grad()
     def eval_plan(self, input_size: tuple[int, int], device, dtype) -> "_EvalPlan":
         """The cached input-independent part of the ``"fast"`` evaluation, with its sound bound.
@@ -363,9 +440,13 @@ class SOC(nn.Module):
         Built once per weights/size/device/dtype: the scaled skew filter S = A / a' with
         a' = a (1 + 1e-4) slightly above the sound bound a >= ||A|| (so that the rounded S still
         has norm <= 1), the Chebyshev coefficients of exp(a' S) of the lowest degree whose error
-        bound is below ``eval_tol``, and for 1x1 filters the whole operator as one matrix.
+        bound is below ``eval_tol``, and for 1x1 filters the whole operator as one matrix. On small
+        maps, where :func:`dense_pays_off` over ``eval_images`` images, the whole operator becomes
+        one dense matrix Q (the same polynomial, evaluated in float64 on the dense skew matrix,
+        then rounded to ``dtype``). A materialised operator's bound is the exact float64 norm of
+        the rounded matrix that is applied, not the polynomial's error bound.
         """
-        key = (self._plan_state(), tuple(input_size), str(device), dtype)
+        key = (self._plan_state(), tuple(input_size), str(device), dtype, self.eval_images, self.dense_max)
         if self._plan is not None and self._plan_key == key:
             return self._plan
         size = self.output_size(input_size)
@@ -388,6 +469,15 @@ class SOC(nn.Module):
             if self.channels > self.in_channels_eff:  # zero-padded input channels never used
                 q = q[:, : self.in_channels_eff]
             plan = _EvalPlan("matrix", q.contiguous(), None, _real_matrix_norm_bound(q.double()), terms)
+        elif self._dense_fits(size, terms):
+            # the same polynomial as the Chebyshev path, on the dense matrix, in few products
+            q64 = paterson_stockmeyer(dense_conv_matrix(s_filter.double(), size), chebyshev_to_monomial(coeffs))
+            h, w = size
+            # rows of kept output channels, columns of real input channels (channel-major order)
+            q = q64[: self.out_channels * h * w, : self.in_channels_eff * h * w].to(dtype).contiguous()
+            del q64
+            plan = _EvalPlan("dense", q, None, _real_matrix_norm_bound(q.double()), terms,
+                             out_shape=(self.out_channels, h, w))
         else:
             bound = 1.0 + chebyshev_error(a_used, terms)
             plan = _EvalPlan("chebyshev", s_filter.contiguous(), coeffs, bound, terms)
@@ -395,18 +485,31 @@ class SOC(nn.Module):
         return plan
 
 
-def set_eval_mode(model: nn.Module, mode: str, tol: float | None = None) -> int:
+def set_eval_mode(model: nn.Module, mode: str, tol: float | None = None, images: int | None = None,
+                  dense_max: int | None = None) -> int:
     """Switch every SOC layer of ``model`` to the ``"taylor"`` or ``"fast"`` evaluation path (see
     :class:`SOC`); returns the number of layers switched. Sound either way: each layer's bound is
-    computed for the path it evaluates."""
+    computed for the path it evaluates.
+
+    ``images``: how many images (forward passes of one image) the fast path will serve; layers on
+    small maps become one dense operator where that pays for its build (:func:`dense_pays_off`).
+    ``dense_max``: the largest operator dimension to materialise (0: never)."""
     if mode not in ("taylor", "fast"):
         raise ConfigError(f"eval mode must be 'taylor' or 'fast', got {mode!r}")
+    if images is not None and images < 0:
+        raise ConfigError(f"images must be >= 0, got {images}")
+    if dense_max is not None and dense_max < 0:
+        raise ConfigError(f"dense_max must be >= 0, got {dense_max}")
     count = 0
     for m in model.modules():
         if isinstance(m, SOC):
             m.eval_mode = mode
             if tol is not None:
                 m.eval_tol = tol
+            if images is not None:
+                m.eval_images = images
+            if dense_max is not None:
+                m.dense_max = dense_max
             m._plan = m._plan_key = None
             count += 1
     return count

@@ -151,6 +151,9 @@ def _save_pngs(folder: Path, images) -> int:
 @click.option("--eval", "eval_path", type=click.Choice(["taylor", "fast"]), default="taylor", show_default=True,
               help="SOC evaluation, as in `lipcert certify --eval`: the attacks and the certificates use the "
                    "same function. fast caches the input-independent tensors, so attacks run faster.")
+@click.option("--dense-max", type=click.IntRange(min=0), default=8192, show_default=True,
+              help="With --eval fast: the largest SOC operator to materialise as one dense matrix "
+                   "(see `lipcert certify --dense-max`); 0 never does.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the attacks' random starts.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True,
@@ -163,7 +166,7 @@ def _save_pngs(folder: Path, images) -> int:
                    "into this new or empty folder.")
 @handle_errors
 def attack(model_file, dataset, data_dir, split, limit, eps, attack, steps, restarts, audit, min_norm,
-           search_steps, batch_size, eval_path, device, seed, fmt, output, save_adversarials):
+           search_steps, batch_size, eval_path, dense_max, device, seed, fmt, output, save_adversarials):
     """Attack MODEL_FILE (a .safetensors checkpoint) with l2 PGD and APGD, report clean, certified
     and empirical robust accuracy side by side, and with --audit prove that no certificate is
     wrong (an attack that succeeds inside a certified radius is a violation)."""
@@ -183,10 +186,6 @@ def attack(model_file, dataset, data_dir, split, limit, eps, attack, steps, rest
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{model_file}: attacks need the model's gradients; exported models cannot be "
                           "attacked, use the .safetensors checkpoint")
-    if eval_path == "fast":
-        from ..soc import set_eval_mode
-
-        set_eval_mode(model, "fast")  # certified below with the bound of this same path
     meta = getattr(model, "checkpoint_metadata", None) or {}
     name = dataset or _meta_value(meta, "dataset")
     if isinstance(name, dict):
@@ -205,6 +204,13 @@ def attack(model_file, dataset, data_dir, split, limit, eps, attack, steps, rest
     if getattr(ds, "num_classes", 0) > getattr(model, "num_classes", 10**9):
         raise ConfigError(f"the {ds.name} dataset has {ds.num_classes} classes but the model has {model.num_classes}")
 
+    if eval_path == "fast":
+        from ..soc import set_eval_mode
+
+        # certified below with the bound of this same path; each attack step is about three
+        # forward passes (forward and backward), which the dense operators' build is weighed against
+        passes = len(ds) * steps * restarts * (3 if attack == "all" else 1) * 3
+        set_eval_mode(model, "fast", images=passes, dense_max=dense_max)
     cert = Certifier(model)
     kwargs = dict(attacks=attack, steps=steps, restarts=restarts, audit=audit, min_norm=min_norm,
                   search_steps=search_steps, batch_size=batch_size, device=dev, seed=seed, certifier=cert,
@@ -224,7 +230,8 @@ def attack(model_file, dataset, data_dir, split, limit, eps, attack, steps, rest
     config = {"model_file": str(model_file), "dataset": getattr(ds, "name", str(name)), "split": split,
               "data_dir": data_dir, "split_seed": split_seed, "limit": limit, "eps": [lab for lab, _ in eps],
               "attack": attack, "steps": steps, "restarts": restarts, "audit": audit, "min_norm": min_norm,
-              "search_steps": search_steps, "batch_size": batch_size, "eval": eval_path, "device": str(dev), "seed": seed}
+              "search_steps": search_steps, "batch_size": batch_size, "eval": eval_path, "dense_max": dense_max,
+              "device": str(dev), "seed": seed}
     summary["config"] = config
 
     if fmt == "json":

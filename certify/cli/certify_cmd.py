@@ -89,8 +89,12 @@ def _int_or(value, default):
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--eval", "eval_path", type=click.Choice(["taylor", "fast"]), default="taylor", show_default=True,
               help="SOC evaluation: the paper's 15-term Taylor series, or the cached fast path (Chebyshev "
-                   "degree chosen per layer from its sound norm bound, 1x1 layers as one matrix). Each is "
+                   "degree chosen per layer from its sound norm bound, 1x1 layers as one matrix, layers on "
+                   "small maps as one dense matrix where that pays off over the images certified). Each is "
                    "certified with the bound of what it computes.")
+@click.option("--dense-max", type=click.IntRange(min=0), default=8192, show_default=True,
+              help="With --eval fast: the largest SOC operator (channels x height x width) to materialise "
+                   "as one dense matrix (a float64 build holding a few n x n matrices); 0 never does.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--format", "format", type=click.Choice(FORMATS), default="table", show_default=True,
               help="stdout format: a rich table, the summary as JSON, one CSV row per eps, or "
@@ -104,7 +108,7 @@ def _int_or(value, default):
               help="Seed of the train/val split and the lower bound (default: the checkpoint's, else 0).")
 @handle_errors
 def certify(model_file, dataset, data_dir, download, split, val_split, limit, eps, certificate,
-            lipschitz, lower_bound, lower_bound_samples, batch_size, eval_path, device, output, fail_under, seed,
+            lipschitz, lower_bound, lower_bound_samples, batch_size, eval_path, dense_max, device, output, fail_under, seed,
             **kw):
     """Certify MODEL_FILE (.safetensors checkpoint or exported .onnx): the certified l2 radius of
     every image, clean and certified accuracy at each eps, with the model's Lipschitz upper bound
@@ -165,6 +169,9 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
             and recorded_fp != ds.fingerprint):
         err_console.print("warning: these validation images differ from the ones recorded at training time "
                           "(different seed, val split or data)", highlight=False, soft_wrap=True)
+    if eval_path == "fast" and isinstance(model, torch.nn.Module):
+        # one forward per image: layers on small maps become dense where the build pays off
+        set_eval_mode(model, "fast", images=len(ds), dense_max=dense_max)
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and getattr(ds, "num_classes", 0) > num_classes:
         raise ConfigError(f"the {ds.name} dataset has {ds.num_classes} classes but the model has {num_classes}")
@@ -208,7 +215,8 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
         "dataset": ds.name, "split": split, "data_dir": None if data_dir is None else str(data_dir),
         "val_split": getattr(ds, "val_split", val_split), "seed": seed, "limit": limit,
         "eps": [eps_label(e) for e in eps_values], "certificate": certificate, "lipschitz": lipschitz,
-        "lower_bound": lower_bound, "batch_size": batch_size, "device": str(dev),
+        "lower_bound": lower_bound, "batch_size": batch_size, "eval": eval_path, "dense_max": dense_max,
+        "device": str(dev),
         "fail_under": [str(g) for g in gates],
     }
     gate_results = evaluate_gates(result, gates)
