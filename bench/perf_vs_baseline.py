@@ -11,7 +11,8 @@ Prints, with the environment:
   3. peak memory (max RSS growth of one training step, each in a fresh subprocess);
   4. a profile: FLOPs per image or step (torch's FLOP counter) and the GFLOP/s each side reaches,
      and where one lipcert training step spends its time (torch.profiler);
-  5. how lipcert's step time grows with depth and batch size.
+  5. how lipcert's step time grows with depth and batch size, and its certification throughput
+     with the batch size.
 Timings are interleaved (baseline, lipcert, baseline, ...) and the median of --repeats is used.
 
     python bench/perf_vs_baseline.py                 # full run (tens of minutes on 2 cores)
@@ -181,8 +182,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="width 8, small batches, 3 repeats")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
-    p.add_argument("--sections", default="certify,train,memory,profile,scaling",
-                   help="comma-separated subset of certify,train,memory,profile,scaling")
+    p.add_argument("--sections", default="certify,train,memory,batch,profile,scaling",
+                   help="comma-separated subset of certify,train,memory,batch,profile,scaling")
     args = p.parse_args()
     if args.memory_child:
         kind, d, w, b = args.memory_child
@@ -202,6 +203,8 @@ def main() -> None:
         train_section(width, tbatch, repeats)
     if "memory" in sections:
         memory_section(width, tbatch)
+    if "batch" in sections:
+        batch_section(width, repeats, args.quick)
     if "profile" in sections:
         profile_section(width, tbatch)
     if "scaling" in sections:
@@ -253,6 +256,22 @@ def memory_section(width, tbatch):
     for depth in (5, 10):
         r = bench_memory(depth, width, tbatch)
         print(f"| LipConvnet-{depth} | {r['baseline_mib']:.0f} | {r['lipcert_mib']:.0f} |", flush=True)
+
+
+def batch_section(width, repeats, quick):
+    """Certification throughput of the fast path against the batch size (the CLI's default is 256)."""
+    print("\n## lipcert certification throughput vs batch size (LipConvnet-5, fast path planned for 10,000 images)")
+    _, ours = pair_models(5, width, train=False)
+    set_eval_mode(ours, "fast", images=10_000)
+    cert = Certifier(ours)
+    print("| batch | img/s |")
+    print("|---|---|")
+    with torch.no_grad():
+        for batch in ((8, 32) if quick else (32, 64, 128, 256, 512)):
+            x = torch.rand(batch, 3, 32, 32)
+            cert(x)
+            t = statistics.median(timed(lambda: cert(x)) for _ in range(max(3, repeats // 2)))
+            print(f"| {batch} | {batch / t:.1f} |", flush=True)
 
 
 def profile_section(width, tbatch):

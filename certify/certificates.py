@@ -284,7 +284,7 @@ def certify_dataset(
     eps=STANDARD_EPS,
     method: str = "auto",
     lipschitz: float | None = None,
-    batch_size: int = 256,
+    batch_size: int = 128,
     device: str | torch.device | None = None,
     limit: int | None = None,
     progress=None,

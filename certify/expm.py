@@ -71,18 +71,23 @@ def choose_terms(a: float, tol: float, method: str, max_terms: int = 40) -> int:
     raise ValueError(f"no polynomial of up to {max_terms} terms reaches tolerance {tol} for ||A|| <= {a}")
 
 
-def chebyshev_apply(x: torch.Tensor, apply_s: Callable[[torch.Tensor], torch.Tensor], coeffs: list[float]) -> torch.Tensor:
+def chebyshev_apply(x: torch.Tensor, apply_s: Callable[[torch.Tensor], torch.Tensor], coeffs: list[float],
+                    apply_2s: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """sum_k c_k U_k(S) x by Clenshaw's recurrence: b_k = c_k x + 2 S b_{k+1} + b_{k+2},
-    result c_0 x + S b_1 + b_2; ``len(coeffs) - 1`` applications of S."""
+    result c_0 x + S b_1 + b_2; ``len(coeffs) - 1`` applications of S. ``apply_2s`` (optional)
+    applies 2S directly, e.g. a convolution by the doubled filter: doubling is exact in floating
+    point, so the result is the same, with one pass over the activations fewer per term."""
     n = len(coeffs)
     if n == 1:
         return coeffs[0] * x
+    if apply_2s is None:
+        apply_2s = lambda v: apply_s(v).mul_(2.0)  # noqa: E731
     b1 = coeffs[n - 1] * x
     b2 = torch.zeros_like(x)
     for k in range(n - 2, 0, -1):
         # in place on the fresh product: no extra temporaries (autograd-safe, S's backward
         # does not need its output)
-        b1, b2 = apply_s(b1).mul_(2.0).add_(b2).add_(x, alpha=coeffs[k]), b1
+        b1, b2 = apply_2s(b1).add_(b2).add_(x, alpha=coeffs[k]), b1
     return apply_s(b1).add_(b2).add_(x, alpha=coeffs[0])
 
 

@@ -207,6 +207,7 @@ class _EvalPlan:
     bound: float
     terms: int
     out_shape: tuple[int, int, int] | None = None  # (channels, h, w) of a dense plan's output
+    doubled: torch.Tensor | None = None  # 2S for a Chebyshev plan (exact), used by Clenshaw's steps
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "dense":
@@ -219,7 +220,8 @@ class _EvalPlan:
                 x = x[:, : self.tensor.shape[1]]
             return F.conv2d(x, self.tensor[:, :, None, None])
         pad = self.tensor.shape[-1] // 2
-        return chebyshev_apply(x, lambda v: F.conv2d(v, self.tensor, padding=pad), self.coeffs)
+        return chebyshev_apply(x, lambda v: F.conv2d(v, self.tensor, padding=pad), self.coeffs,
+                               lambda v: F.conv2d(v, self.doubled, padding=pad))
 
 
 class SOC(nn.Module):
@@ -480,7 +482,8 @@ class SOC(nn.Module):
                              out_shape=(self.out_channels, h, w))
         else:
             bound = 1.0 + chebyshev_error(a_used, terms)
-            plan = _EvalPlan("chebyshev", s_filter.contiguous(), coeffs, bound, terms)
+            plan = _EvalPlan("chebyshev", s_filter.contiguous(), coeffs, bound, terms,
+                             doubled=(2 * s_filter).contiguous())
         self._plan, self._plan_key = plan, key
         return plan
 

@@ -282,7 +282,7 @@ def _generator(*parts: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: ImageDataset, *, batch_size: int = 256, device: torch.device | str = "cpu",
+def evaluate(model: nn.Module, dataset: ImageDataset, *, batch_size: int = 128, device: torch.device | str = "cpu",
              eps: tuple[float, ...] = EVAL_EPS, rank: int = 0, world: int = 1) -> dict[str, float]:
     """Clean accuracy and certified accuracy at each eps on ``dataset`` with the model's sound
     certificate (:class:`Certifier`, bound computed once). Under DDP each rank certifies its

@@ -282,3 +282,15 @@ def test_certify_cli_materialises_dense_layers_when_they_pay_off(tmp_path, monke
     assert off["clean_accuracy"] == many["clean_accuracy"]
     b_off, b_many = (r["certificate"]["lipschitz_upper_bound"] for r in (off, many))
     assert abs(b_off - b_many) / b_off < 1e-5
+
+
+def test_clenshaw_with_the_doubled_filter_is_bitwise_the_same():
+    """The fast path convolves with 2S instead of doubling each product: exact in floating point."""
+    torch.manual_seed(0)
+    s = torch.randn(8, 8, 3, 3) / 10
+    x = torch.randn(4, 8, 6, 6)
+    coeffs = chebyshev_coefficients(1.3, 9)
+    conv = lambda f: (lambda v: torch.nn.functional.conv2d(v, f, padding=1))  # noqa: E731
+    plain = chebyshev_apply(x, conv(s), coeffs)
+    doubled = chebyshev_apply(x, conv(s), coeffs, conv(2 * s))
+    assert torch.equal(plain, doubled)
