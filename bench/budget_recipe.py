@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import cpu_name  # noqa: E402
+from _env import cpu_name, run_rows, start_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("paper", "budget")
@@ -60,12 +60,7 @@ def train_command(row: str, args, run_dir: Path) -> list[str]:
 
 
 def start(row: str, args, run_dir: Path, core: int | None) -> subprocess.Popen:
-    env = dict(os.environ)
-    if core is not None:
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    log = open(run_dir.parent / f"{row}.log", "w")
-    return subprocess.Popen(train_command(row, args, run_dir), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if core is not None else None)
+    return start_run(train_command(row, args, run_dir), run_dir.parent / f"{row}.log", ROOT, core)
 
 
 def summarise(row: str, run_dir: Path) -> dict:
@@ -129,17 +124,11 @@ def main(argv=None) -> int:
 
     results = []
     codes = {r: 0 for r in rows}
-    if args.report_only:
-        pass
-    elif args.concurrent:
-        cores = sorted(os.sched_getaffinity(0))
-        if len(cores) < len(rows):
-            p.error(f"--concurrent needs {len(rows)} cores, this process may use {len(cores)}")
-        procs = {r: start(r, args, out / r, cores[i]) for i, r in enumerate(rows)}
-        codes = {r: proc.wait() for r, proc in procs.items()}
-    else:
-        for r in rows:
-            codes[r] = start(r, args, out / r, None).wait()
+    if not args.report_only:
+        try:
+            codes = run_rows(rows, lambda r, core: start(r, args, out / r, core), args.concurrent)
+        except ValueError as e:
+            p.error(str(e))
     for r in rows:
         if codes[r] != 0:
             print(f"row {r} failed (exit {codes[r]}); see {out / (r + '.log')}", file=sys.stderr)
