@@ -173,6 +173,10 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
     if eval_path == "fast" and isinstance(model, torch.nn.Module):
         # one forward per image: layers on small maps become dense where the build pays off
         set_eval_mode(model, "fast", images=len(ds), dense_max=dense_max)
+        if show_progress(machine):
+            err_console.print(f"preparing the fast evaluation path for {len(ds):,} images (bounds, and dense "
+                              "matrices where they pay off: up to a few minutes on a CPU)", highlight=False,
+                              soft_wrap=True)
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and getattr(ds, "num_classes", 0) > num_classes:
         raise ConfigError(f"the {ds.name} dataset has {ds.num_classes} classes but the model has {num_classes}")
