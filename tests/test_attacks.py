@@ -260,13 +260,19 @@ def test_quantiles_ignore_non_finite():
     assert quantiles(torch.tensor([math.nan])) == {}
 
 
+def _colour_classes(n: int):
+    """n seeded 32x32 images in 3 classes, each class brighter in its own colour channel."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 3
+    x = 0.4 + 0.1 * torch.rand(n, 3, 32, 32, generator=g)
+    x[torch.arange(n), y] += 0.3
+    return x, y
+
+
 @pytest.mark.slow
 def test_audit_on_a_trained_lipconvnet5(tiny_model):
     """The registry's LipConvnet-5 (width 4), trained a few dozen steps: 0 violations."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(48) % 3
-    x = 0.4 + 0.1 * torch.rand(48, 3, 32, 32, generator=g)
-    x[torch.arange(48), y] += 0.3
+    x, y = _colour_classes(48)
     model = _train(tiny_model(num_classes=3), x, y, steps=30, lr=0.01, scale=4.0)
     cert = Certifier(model)
     _, _, _, radius = cert(x[:16])
@@ -280,10 +286,7 @@ def test_audit_on_a_trained_lipconvnet5(tiny_model):
 def test_audit_on_a_trained_mlp_head_lipconvnet(tiny_model):
     """The MLP head's tight curvature certificate, on LipConvnet-5 trained a few dozen steps with
     its curvature regulariser: strong attacks inside every certified radius find 0 violations."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(36) % 3
-    x = 0.4 + 0.1 * torch.rand(36, 3, 32, 32, generator=g)
-    x[torch.arange(36), y] += 0.3
+    x, y = _colour_classes(36)
     model = tiny_model("lipconvnet5_mlp", width=2, num_classes=3, mlp_hidden=16)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     model.train()
@@ -310,10 +313,7 @@ def test_audit_on_dense_fast_evaluation(tiny_model):
     a trained LipConvnet-5 find 0 violations."""
     from certify.soc import SOC, set_eval_mode
 
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(36) % 3
-    x = 0.4 + 0.1 * torch.rand(36, 3, 32, 32, generator=g)
-    x[torch.arange(36), y] += 0.3
+    x, y = _colour_classes(36)
     model = _train(tiny_model(width=2, num_classes=3), x, y, steps=25, lr=0.01, scale=4.0)
     set_eval_mode(model, "fast", images=10**9)
     cert = Certifier(model)
