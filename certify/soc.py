@@ -158,6 +158,15 @@ def skew_conv_norm_bound(skew: torch.Tensor, size: tuple[int, int] | None = None
     return float((eig + extra).max()) * (1 + FLOAT64_SLACK)
 
 
+def _apply_op(v: torch.Tensor, op: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+    """A skew operator applied to a batch: a filter (4-D) convolves (N, C, H, W) maps; a dense
+    matrix (2-D) multiplies flattened (N, n) rows. ``adjoint``: its transpose, which for a skew
+    operator is its negative."""
+    if op.dim() == 2:
+        return v @ op if adjoint else v @ op.T
+    return F.conv2d(v, -op if adjoint else op, padding=op.shape[-1] // 2)
+
+
 class _FastSOC(torch.autograd.Function):
     """Taylor series of exp(conv_A) with the paper's low-memory backward (NeurIPS 2022, tech. b).
 
@@ -167,31 +176,34 @@ class _FastSOC(torch.autograd.Function):
     convolution of ``z`` against the backward partial sum ``w = sum_{i<K-1} (-A)^i g / (i+1)!``:
     it weights the pair of powers (i, l) by ``1/((i+1)!(l+1)!)`` instead of ``1/(i+l+1)!``, exact
     for the leading terms and a few percent off for ||A|| about 1 to 2.
+
+    ``skew`` is a filter, or the same convolution as a dense (n, n) matrix on flattened maps (on
+    1x1 and 2x2 maps most taps of a padded convolution multiply zeros; the matrix skips them).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, skew: torch.Tensor, terms: int) -> torch.Tensor:
-        pad = skew.shape[-1] // 2
         z = x
         for i in range(terms - 1, 1, -1):
-            z = x + F.conv2d(z, skew, padding=pad) / i
+            z = x + _apply_op(z, skew) / i
         ctx.save_for_backward(z, skew)
         ctx.terms = terms
-        return x + F.conv2d(z, skew, padding=pad)
+        return x + _apply_op(z, skew)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         z, skew = ctx.saved_tensors
-        pad = skew.shape[-1] // 2
         grad_out = grad_out.to(z.dtype)
-        neg = -skew
         w = grad_out
         for i in range(ctx.terms - 1, 1, -1):
-            w = grad_out + F.conv2d(w, neg, padding=pad) / i
-        grad_x = grad_out + F.conv2d(w, neg, padding=pad) if ctx.needs_input_grad[0] else None
+            w = grad_out + _apply_op(w, skew, adjoint=True) / i
+        grad_x = grad_out + _apply_op(w, skew, adjoint=True) if ctx.needs_input_grad[0] else None
         grad_skew = None
         if ctx.needs_input_grad[1]:
-            grad_skew = torch.nn.grad.conv2d_weight(z, skew.shape, w, padding=pad)
+            if skew.dim() == 2:  # d<w, A z>/dA, summed over the batch
+                grad_skew = w.T @ z
+            else:
+                grad_skew = torch.nn.grad.conv2d_weight(z, skew.shape, w, padding=skew.shape[-1] // 2)
         return grad_x, grad_skew, None
 
 
@@ -282,6 +294,8 @@ class SOC(nn.Module):
         self._plan: _EvalPlan | None = None
         self._plan_key: tuple | None = None
         self.eval_images, self.dense_max = 0, DENSE_MAX
+        # training: run the fast backward on a dense matrix where the map is tiny (see forward)
+        self.train_dense = True
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -391,7 +405,14 @@ class SOC(nn.Module):
         skew = self.skew_filter().to(x.dtype)
         x = self._prepare_input(x)
         if self.training and self.backward_mode == "fast" and torch.is_grad_enabled():
-            y = _FastSOC.apply(x, skew, self.terms)
+            h, w = x.shape[-2:]
+            if self.train_dense and self.kernel_size > 1 and 2 * h * w <= self.kernel_size**2:
+                # fewer multiply-adds as one matrix than as a padded convolution (1x1 and 2x2 maps
+                # for 3x3 filters); the gradient reaches the filter through the matrix's entries
+                a = dense_conv_matrix(skew, (h, w))
+                y = _FastSOC.apply(x.flatten(1), a, self.terms).view(x.shape)
+            else:
+                y = _FastSOC.apply(x, skew, self.terms)
         else:
             y = taylor_series(x, skew, self.terms)
         return self._finish_output(y)

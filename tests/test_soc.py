@@ -415,3 +415,24 @@ def test_scaled_skew_norm_matches_the_paper():
         assert 1.2 < a3 < 3.0
         assert 0.95 < a1 < 1.0 + 1e-6
     assert math.factorial(15) > 3**15 * 1e4  # K = 15: the remainder at a = 3 is below 1e-4
+
+
+@pytest.mark.parametrize("cin,cout,stride,hw", [(16, 16, 1, 2), (8, 32, 2, 4), (16, 8, 1, 1), (4, 16, 2, 2)])
+def test_training_on_tiny_maps_as_a_dense_matrix_matches_the_convolution(cin, cout, stride, hw):
+    """On 1x1 and 2x2 maps the fast-backward training path runs on the dense skew matrix: the
+    same outputs, input gradients and filter gradients as the convolution path."""
+    torch.manual_seed(0)
+    conv = SOC(cin, cout, 3, stride=stride).train()
+    conv.train_dense = False
+    dense = SOC(cin, cout, 3, stride=stride).train()
+    dense.load_state_dict(conv.state_dict())
+    x1 = torch.randn(5, cin, hw, hw, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = conv(x1), dense(x2)
+    g = torch.randn_like(y1)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    assert torch.allclose(y1, y2, atol=1e-5)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(conv.weight.grad, dense.weight.grad, atol=1e-5 * conv.weight.grad.abs().max())
+    assert conv.weight.grad.abs().max() > 0
