@@ -70,20 +70,23 @@ def dense_conv_matrix(w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The zero-padded "same" convolution by ``w`` (M, M, k, k) on an (h, w) map as one
     (M h w) x (M h w) matrix, indexed like ``Tensor.flatten(1)`` of (M, h, w) feature maps, so
     that ``conv2d(x, w, padding=k // 2).flatten(1) == x.flatten(1) @ matrix.T``. Its entries are the
-    filter's own values (no arithmetic), so it is exactly the same linear operator."""
+    filter's own values (no arithmetic), so it is exactly the same linear operator. Built by one
+    gather of the taps (differentiable: its backward is one scatter-add into the filter)."""
     m, k = w.shape[0], w.shape[-1]
     h, wd = size
     p = k // 2
-    a = w.new_zeros(m, h, wd, m, h, wd)
-    for di in range(k):
-        for dj in range(k):
-            # output pixel (i, j) reads input pixel (i + di - p, j + dj - p) where it exists
-            rows = [(i, i + di - p) for i in range(h) if 0 <= i + di - p < h]
-            cols = [(j, j + dj - p) for j in range(wd) if 0 <= j + dj - p < wd]
-            for i, ii in rows:
-                for j, jj in cols:
-                    a[:, i, j, :, ii, jj] = w[:, :, di, dj]
-    return a.reshape(m * h * wd, m * h * wd)
+    # block (out pixel, in pixel) -> tap index, or k*k (a zero block) where no tap connects them
+    tap = torch.full((h * wd, h * wd), k * k, dtype=torch.long)
+    for i in range(h):
+        for j in range(wd):
+            for di in range(k):
+                for dj in range(k):
+                    ii, jj = i + di - p, j + dj - p  # output pixel (i, j) reads input (ii, jj)
+                    if 0 <= ii < h and 0 <= jj < wd:
+                        tap[i * wd + j, ii * wd + jj] = di * k + dj
+    taps = torch.cat([w.permute(2, 3, 0, 1).reshape(k * k, m, m), w.new_zeros(1, m, m)])
+    blocks = taps[tap.to(w.device)]  # (hw_out, hw_in, M, M)
+    return blocks.permute(2, 0, 3, 1).reshape(m * h * wd, m * h * wd)
 
 
 def dense_pays_off(size: tuple[int, int], channels: int, kernel: int, terms: int, images: int,
