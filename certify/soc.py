@@ -97,9 +97,11 @@ def dense_pays_off(size: tuple[int, int], channels: int, kernel: int, terms: int
     Cost model in float32 multiply-adds: the polynomial costs ``(terms - 1) h w M^2 k^2`` per image
     (a padded convolution computes every tap), the dense operator ``n_out n_in`` per image. The
     build costs the float64 products of n x n matrices of :func:`~certify.expm.paterson_stockmeyer`,
-    one more for the Gram matrix and about 1.5 for ``eigvalsh`` (its measured time on CPU), each
-    counted twice (float64 runs at about half the float32 rate). On 2x2 maps the operator is ~20x
-    cheaper per image than the polynomial; on 8x8 maps it is not worth it.
+    one more for the Gram matrix and about 1.5 for ``eigvalsh`` (1.4-1.8x a product's time, measured
+    at n = 4096 and 8192 on a CPU), each counted twice: float64 products ran at 35 GMAC/s there,
+    float32 products at 77 and the convolutions at 47 (2 threads), so the factor 2 errs towards
+    fewer dense layers. On 2x2 maps the operator is ~20x cheaper per image than the polynomial; on
+    8x8 maps it is not worth it.
     """
     h, w = size
     n = channels * h * w
