@@ -418,9 +418,14 @@ def test_scaled_skew_norm_matches_the_paper():
 
 
 @pytest.mark.parametrize("cin,cout,stride,hw", [(16, 16, 1, 2), (8, 32, 2, 4), (16, 8, 1, 1), (4, 16, 2, 2)])
-def test_training_on_tiny_maps_as_a_dense_matrix_matches_the_convolution(cin, cout, stride, hw):
+def test_training_on_tiny_maps_as_a_dense_matrix_matches_the_convolution(cin, cout, stride, hw, monkeypatch):
     """On 1x1 and 2x2 maps the fast-backward training path runs on the dense skew matrix: the
     same outputs, input gradients and filter gradients as the convolution path."""
+    import certify.soc as soc
+
+    built = []
+    real = soc.dense_conv_matrix
+    monkeypatch.setattr(soc, "dense_conv_matrix", lambda w, size: built.append(size) or real(w, size))
     torch.manual_seed(0)
     conv = SOC(cin, cout, 3, stride=stride).train()
     conv.train_dense = False
@@ -428,7 +433,10 @@ def test_training_on_tiny_maps_as_a_dense_matrix_matches_the_convolution(cin, co
     dense.load_state_dict(conv.state_dict())
     x1 = torch.randn(5, cin, hw, hw, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_()
-    y1, y2 = conv(x1), dense(x2)
+    y1 = conv(x1)
+    assert built == []  # the convolution path
+    y2 = dense(x2)
+    assert built == [(hw // stride, hw // stride)]  # the dense path was taken
     g = torch.randn_like(y1)
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
