@@ -129,12 +129,6 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
     dev = resolve_device(device)
     model = load_any(model_file, device=dev)
     meta = getattr(model, "checkpoint_metadata", None) or {}
-    if eval_path == "fast":
-        from ..soc import set_eval_mode
-
-        if not isinstance(model, torch.nn.Module) or set_eval_mode(model, "fast") == 0:
-            err_console.print("note: --eval fast applies to SOC layers of lipcert checkpoints; this model has "
-                              "none, evaluated as stored", highlight=False, soft_wrap=True)
 
     recorded_name = _meta_value(meta, "dataset")
     if isinstance(recorded_name, dict):  # a recorded dataset description rather than a bare name
@@ -170,10 +164,15 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
             and recorded_fp != ds.fingerprint):
         err_console.print("warning: these validation images differ from the ones recorded at training time "
                           "(different seed, val split or data)", highlight=False, soft_wrap=True)
-    if eval_path == "fast" and isinstance(model, torch.nn.Module):
+    if eval_path == "fast":
+        from ..soc import set_eval_mode
+
         # one forward per image: layers on small maps become dense where the build pays off
-        set_eval_mode(model, "fast", images=len(ds), dense_max=dense_max)
-        if show_progress(machine):
+        if not isinstance(model, torch.nn.Module) or set_eval_mode(model, "fast", images=len(ds),
+                                                                   dense_max=dense_max) == 0:
+            err_console.print("note: --eval fast applies to SOC layers of lipcert checkpoints; this model has "
+                              "none, evaluated as stored", highlight=False, soft_wrap=True)
+        elif show_progress(machine):
             err_console.print(f"preparing the fast evaluation path for {len(ds):,} images (bounds, and dense "
                               "matrices where they pay off: up to a few minutes on a CPU)", highlight=False,
                               soft_wrap=True)
