@@ -269,17 +269,24 @@ def _colour_classes(n: int):
     return x, y
 
 
+def _audit_first(model, cert, x, y, n: int):
+    """Certify the first n images, attack each inside its certified radius, assert 0 violations
+    among at least one certified image; returns the audit batch and its summary."""
+    _, _, _, radius = cert(x[:n])
+    batch = audit_certificates(model, x[:n], y[:n], radius, steps=20, search_steps=4)
+    summary = summarize_audit([batch], cert.lipschitz)
+    assert summary["certified_audited"] > 0
+    assert summary["violations"] == 0 and summary["passed"]
+    return batch, summary
+
+
 @pytest.mark.slow
 def test_audit_on_a_trained_lipconvnet5(tiny_model):
     """The registry's LipConvnet-5 (width 4), trained a few dozen steps: 0 violations."""
     x, y = _colour_classes(48)
     model = _train(tiny_model(num_classes=3), x, y, steps=30, lr=0.01, scale=4.0)
     cert = Certifier(model)
-    _, _, _, radius = cert(x[:16])
-    batch = audit_certificates(model, x[:16], y[:16], radius, steps=20, search_steps=4)
-    summary = summarize_audit([batch], cert.lipschitz)
-    assert summary["certified_audited"] > 0
-    assert summary["violations"] == 0
+    _, summary = _audit_first(model, cert, x, y, 16)
     assert summary["lipschitz_lower_attack"] <= cert.lipschitz
 
 
@@ -298,11 +305,7 @@ def test_audit_on_a_trained_mlp_head_lipconvnet(tiny_model):
     model.eval()
     cert = Certifier(model)
     assert cert.method == "curvature"
-    _, pred, _, radius = cert(x[:12])
-    batch = audit_certificates(model, x[:12], y[:12], radius, steps=20, search_steps=4)
-    summary = summarize_audit([batch])
-    assert summary["certified_audited"] > 0
-    assert summary["violations"] == 0 and summary["passed"]
+    batch, _ = _audit_first(model, cert, x, y, 12)
     t = batch.tightness[batch.certified]
     assert (t[torch.isfinite(t)] >= 1).all()
 
@@ -318,9 +321,5 @@ def test_audit_on_dense_fast_evaluation(tiny_model):
     set_eval_mode(model, "fast", images=10**9)
     cert = Certifier(model)
     assert any(m._plan.kind == "dense" for m in model.modules() if isinstance(m, SOC))
-    _, _, _, radius = cert(x[:12])
-    batch = audit_certificates(model, x[:12], y[:12], radius, steps=20, search_steps=4)
-    summary = summarize_audit([batch], cert.lipschitz)
-    assert summary["certified_audited"] > 0
-    assert summary["violations"] == 0
+    _, summary = _audit_first(model, cert, x, y, 12)
     assert summary["lipschitz_lower_attack"] <= cert.lipschitz
