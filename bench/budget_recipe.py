@@ -123,12 +123,11 @@ def main(argv=None) -> int:
     print(f"budget_recipe: {args.minutes:g} min per row, {env}", file=sys.stderr)
 
     results = []
-    codes = {r: 0 for r in rows}
-    if not args.report_only:
-        try:
-            codes = run_rows(rows, lambda r, core: start(r, args, out / r, core), args.concurrent)
-        except ValueError as e:
-            p.error(str(e))
+    try:
+        codes = ({r: 0 for r in rows} if args.report_only
+                 else run_rows(rows, lambda r, core: start(r, args, out / r, core), args.concurrent))
+    except ValueError as e:
+        p.error(str(e))
     for r in rows:
         if codes[r] != 0:
             print(f"row {r} failed (exit {codes[r]}); see {out / (r + '.log')}", file=sys.stderr)

@@ -5,8 +5,9 @@ learning-rate schedule needs the total. :class:`BudgetPlanner` times the first s
 warm-up that pays one-off costs: allocator growth, kernel selection), sets the planned total to the
 steps done plus the steps that fit in the time left, and re-plans every 5% of the planned steps
 and after every epoch from the average cost per step so far (which then includes the per-epoch
-work: power iterations, the data shuffle). The schedule is evaluated on the planned total, so it ends where the budget ends, and a
-hard stop ends training the moment the budget is spent, whatever the plan said.
+work: power iterations, the data shuffle). The schedule is evaluated on the planned total, so it
+ends where the budget ends, and a hard stop ends training the moment the budget is spent, whatever
+the plan said.
 
 Only training time counts: the training loop pauses the clock while it certifies the validation
 split and writes checkpoints.

@@ -7,8 +7,8 @@
 - ``budget``: aimed at certified accuracy per CPU minute, chosen from throughput measurements and
   an ablation, not a sweep (issue 9, bench/budget_recipe.py): a narrow LipConvnet-5 trained with
   the offset cross-entropy (the margin that certifies 36/255) and a cosine schedule fitted to a
-  wall-clock budget (default 70 minutes; see :mod:`certify.budget`). The schedule logic is budget-based, so the same preset uses a GPU's speed
-  for more epochs, not a different recipe.
+  wall-clock budget (default 70 minutes; see :mod:`certify.budget`). The schedule logic is
+  budget-based, so the same preset uses a GPU's speed for more epochs, not a different recipe.
 
 A recipe only fills in options that were not given: ``--recipe budget --width 16`` trains width 16.
 """
