@@ -21,6 +21,10 @@ Splits (the paper's recipe selected models on the test set; lipcert never does, 
 - ``test``: the official test split (torchvision sets, an image folder with a ``test/`` or ``val/``
   subfolder, or fresh synthetic images drawn from an independent seed).
 
+A checkpoint's data (:func:`dataset_for_checkpoint`): the dataset, data seed, validation split,
+synthetic size and image folder that training recorded, so that every command (``certify``,
+``attack``, the demo) sees the validation images training validated on, never training images.
+
 Augmentation (:func:`augment_batch`) works on whole uint8 batches: random crop with zero padding
 and a horizontal flip where the dataset allows it (not for digits).
 """
@@ -32,12 +36,13 @@ import io
 import os
 import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "synthetic")
 SPLITS = ("train", "val", "test", "all")
@@ -109,6 +114,15 @@ class ImageDataset(Dataset):
         """uint8 images and labels at ``indices`` (one indexing op, no per-item Python)."""
         return self.images[indices], self.labels[indices]
 
+    def subset(self, indices: torch.Tensor) -> "ImageDataset":
+        """The images at ``indices``, as a dataset of the same name and split (its own fingerprint)."""
+        ds = ImageDataset(self.name, self.split, self.images[indices], self.labels[indices], self.class_names,
+                          self.mean, self.std, hflip=self.hflip, source=self.source)
+        for attr in ("val_split", "seed"):
+            if hasattr(self, attr):
+                setattr(ds, attr, getattr(self, attr))
+        return ds
+
     def check_shape(self, input_shape: Sequence[int]) -> None:
         """Raise :class:`DataError` unless the images have shape ``input_shape`` (C, H, W)."""
         if tuple(input_shape) != self.input_shape:
@@ -178,6 +192,20 @@ def split_indices(pool_size: int, val_count: int, seed: int) -> tuple[torch.Tens
     return train, val
 
 
+def subset_indices(n: int, limit: int, seed: int) -> torch.Tensor:
+    """The ``limit`` images a ``limit`` keeps of ``n``: a random subset seeded by ``seed + 1``,
+    in order. Not the first images: image folders list their files class by class, so a prefix
+    would hold only the first classes."""
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 1))[: int(limit)]
+    return keep.sort().values
+
+
+def canonical_name(name: str) -> str:
+    """A dataset name as lipcert spells it (lower case, ``-`` for ``_``, a few aliases)."""
+    key = str(name).strip().lower().replace("_", "-")
+    return {"fashionmnist": "fashion-mnist", "image-folder": "imagefolder", "folder": "imagefolder"}.get(key, key)
+
+
 # ---- public entry point -------------------------------------------------------------------------
 
 def load_dataset(name: str, split: str = "val", *, data_dir: str | os.PathLike | None = None,
@@ -201,8 +229,7 @@ def load_dataset(name: str, split: str = "val", *, data_dir: str | os.PathLike |
         size: number of images in the synthetic pool (default 4000); synthetic only.
         workers: threads for decoding image files (image folders only; 0 = one thread).
     """
-    key = str(name).strip().lower().replace("_", "-")
-    key = {"fashionmnist": "fashion-mnist", "image-folder": "imagefolder", "folder": "imagefolder"}.get(key, key)
+    key = canonical_name(name)
     if key not in DATASETS:
         import difflib
 
@@ -259,10 +286,7 @@ def load_dataset(name: str, split: str = "val", *, data_dir: str | os.PathLike |
             idx = train_idx if split == "train" else val_idx
             images, labels = images[idx], labels[idx]
     if limit is not None and int(limit) < len(labels):
-        # A seeded random subset (kept in order), not the first images: image folders list their
-        # files class by class, so a prefix would hold only the first classes.
-        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(int(seed) + 1))[: int(limit)]
-        keep = keep.sort().values
+        keep = subset_indices(len(labels), int(limit), seed)
         images, labels = images[keep], labels[keep]
     if len(labels) == 0:
         what = "validation split is empty (val_split=0)" if split == "val" else f"{split} split has no images"
@@ -270,6 +294,156 @@ def load_dataset(name: str, split: str = "val", *, data_dir: str | os.PathLike |
     ds = ImageDataset(key, split, images, labels, classes, mean_std[0], mean_std[1], hflip=hflip, source=source)
     ds.val_split = None if split in ("test", "all") else resolve_val_split(val_split, len(pool[1]))
     ds.seed = int(seed)
+    return ds
+
+
+# ---- a checkpoint's data ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CheckpointData:
+    """How to rebuild the data of a checkpoint: the :func:`load_dataset` arguments, and what
+    training recorded about the split (see :func:`checkpoint_data_spec`).
+
+    ``recorded`` is True when ``name`` is the dataset the checkpoint was trained on (only then do
+    its seed, validation split, synthetic size and image folder apply). ``recorded_fingerprint``
+    is the fingerprint training stored for this split, of the subset of ``recorded_limit`` images
+    when training used one; None when nothing comparable was stored.
+    """
+
+    name: str
+    split: str
+    seed: int
+    val_split: int | float | None
+    size: int | None
+    data_dir: str | None
+    input_shape: tuple[int, ...] | None
+    recorded: bool
+    recorded_fingerprint: str | None = None
+    recorded_limit: int | None = None
+
+
+def _metadata(source) -> dict:
+    meta = source if isinstance(source, dict) else getattr(source, "checkpoint_metadata", None)
+    return meta if isinstance(meta, dict) else {}
+
+
+def _recorded(meta: dict, key: str):
+    """A value recorded in checkpoint metadata: at the top level (a training checkpoint), else in
+    its training ``config`` (an export keeps only the config)."""
+    if meta.get(key) is not None:
+        return meta[key]
+    config = meta.get("config")
+    if isinstance(config, dict):
+        for section in (config, config.get("data")):
+            if isinstance(section, dict) and section.get(key) is not None:
+                return section[key]
+    return None
+
+
+def _recorded_int(meta: dict, key: str, minimum: int | None = None) -> int | None:
+    value = _recorded(meta, key)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or (minimum is not None and value < minimum):
+        raise CheckpointError(f"the checkpoint records {key}={value!r}, not a whole number"
+                              + (f" >= {minimum}" if minimum is not None else ""))
+    return int(value)
+
+
+def recorded_dataset(source) -> str | None:
+    """The name of the dataset a checkpoint (a model with ``checkpoint_metadata``, or the metadata
+    itself) was trained on, or None."""
+    name = _recorded(_metadata(source), "dataset")
+    if isinstance(name, dict):  # a dataset description rather than a bare name
+        name = name.get("name")
+    return str(name) if name else None
+
+
+def checkpoint_data_spec(source, split: str = "val", *, dataset: str | None = None,
+                         data_dir: str | os.PathLike | None = None, val_split: float | int | None = None,
+                         seed: int | None = None, input_shape: Sequence[int] | None = None) -> CheckpointData:
+    """Resolve (without loading anything) the data that rebuilds ``split`` of a checkpoint's
+    dataset exactly as training split it; arguments that are not None override the recorded ones.
+
+    ``source`` is a loaded model (its ``checkpoint_metadata`` and ``input_shape``) or the metadata
+    dict. Recorded by :func:`certify.train.train`: ``dataset``, ``data_seed`` (the split and
+    synthetic images; the training ``seed`` is the initialisation's and never splits data),
+    ``val_split`` (the resolved count), ``synthetic_size``, ``data_dir`` (used for image folders,
+    whose path is their identity), and the fingerprints of the train and validation splits.
+    The recorded parameters apply only to the recorded dataset; another ``dataset`` gets the
+    defaults (seed 0, the default validation split).
+    """
+    meta = _metadata(source)
+    recorded_name = recorded_dataset(meta)
+    name = dataset or recorded_name
+    if not name:
+        raise ConfigError("the checkpoint records no dataset; pass dataset= (--dataset NAME)")
+    key = canonical_name(name)
+    same = recorded_name is not None and key == canonical_name(recorded_name)
+    if seed is None:
+        seed = (_recorded_int(meta, "data_seed") if same else None) or 0
+    if val_split is None and same and split in ("train", "val"):
+        recorded_split = _recorded(meta, "val_split")
+        if recorded_split is not None:
+            if isinstance(recorded_split, bool) or not isinstance(recorded_split, (int, float)) \
+                    or not 0 <= recorded_split < float("inf"):
+                raise CheckpointError(f"the checkpoint records val_split={recorded_split!r}, not a count or fraction")
+            val_split = recorded_split
+    if isinstance(val_split, float) and val_split.is_integer():
+        val_split = int(val_split)
+    size = _recorded_int(meta, "synthetic_size", minimum=1) if same and key == "synthetic" else None
+    if data_dir is None and same and key == "imagefolder":
+        data_dir = _recorded(meta, "data_dir")
+    if input_shape is None and getattr(source, "input_shape", None) is not None:
+        input_shape = source.input_shape
+    fingerprint = limit = None
+    if same and split in ("train", "val"):
+        fp_key, limit_key = ("val_fingerprint", "val_limit") if split == "val" else ("dataset_fingerprint", "limit")
+        fingerprint = _recorded(meta, fp_key)
+        fingerprint = fingerprint if isinstance(fingerprint, str) else None
+        limit = _recorded_int(meta, limit_key, minimum=1)
+    return CheckpointData(name=key, split=split, seed=int(seed), val_split=val_split, size=size,
+                          data_dir=None if data_dir is None else str(data_dir),
+                          input_shape=None if input_shape is None else tuple(int(s) for s in input_shape),
+                          recorded=same, recorded_fingerprint=fingerprint, recorded_limit=limit)
+
+
+def dataset_for_checkpoint(source, split: str = "val", *, dataset: str | None = None,
+                           data_dir: str | os.PathLike | None = None, download: bool = False,
+                           val_split: float | int | None = None, seed: int | None = None,
+                           limit: int | None = None, input_shape: Sequence[int] | None = None) -> ImageDataset:
+    """``split`` of the dataset a checkpoint was trained on, split exactly as training split it:
+    the one way every command (certify, attack, demo) finds a checkpoint's images.
+
+    Resolution as in :func:`checkpoint_data_spec` (arguments that are not None override the
+    checkpoint's). The full split is compared with the fingerprint training recorded:
+    ``ds.matches_training`` is True (the same images), False (other images: an override, or
+    other data on disk) or None (nothing recorded to compare). Then ``limit`` keeps a seeded
+    subset (:func:`subset_indices`), the same in every command. For a model, the images must
+    fit its input shape and classes. ``ds.spec`` is the :class:`CheckpointData` used.
+    """
+    spec = checkpoint_data_spec(source, split, dataset=dataset, data_dir=data_dir, val_split=val_split,
+                                seed=seed, input_shape=input_shape)
+    extra = {} if spec.size is None else {"size": spec.size}
+    ds = load_dataset(spec.name, split, data_dir=spec.data_dir, download=download, val_split=spec.val_split,
+                      seed=spec.seed, input_shape=spec.input_shape, **extra)
+    matches = None
+    if spec.recorded_fingerprint is not None and isinstance(ds, ImageDataset):
+        seen = ds
+        if spec.recorded_limit is not None and spec.recorded_limit < len(ds):
+            seen = ds.subset(subset_indices(len(ds), spec.recorded_limit, spec.seed))
+        matches = seen.fingerprint == spec.recorded_fingerprint
+    if spec.input_shape is not None and hasattr(ds, "check_shape"):
+        ds.check_shape(spec.input_shape)
+    num_classes = getattr(source, "num_classes", None)
+    if num_classes is not None and getattr(ds, "num_classes", 0) > num_classes:
+        raise DataError(f"the {ds.name} dataset has {ds.num_classes} classes but the model has {num_classes}")
+    if limit is not None and isinstance(ds, ImageDataset) and int(limit) < len(ds):
+        ds = ds.subset(subset_indices(len(ds), int(limit), spec.seed))
+    ds.spec, ds.matches_training = spec, matches
     return ds
 
 

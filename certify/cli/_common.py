@@ -79,13 +79,17 @@ def handle_errors(fn):
     return wrapper
 
 
-def meta_value(meta: dict, key: str):
-    """A value recorded in a checkpoint's metadata, directly or inside its training config."""
-    if meta.get(key) is not None:
-        return meta[key]
-    config = meta.get("config")
-    if isinstance(config, dict):
-        for section in (config, config.get("data") or {}):
-            if isinstance(section, dict) and section.get(key) is not None:
-                return section[key]
-    return None
+def checkpoint_dataset(model, model_file, **options):
+    """The images of ``model``'s checkpoint a command works on (:func:`certify.data.dataset_for_checkpoint`
+    with the command's options), with a usage error when no dataset is known and a warning when
+    the validation or training images differ from the ones recorded at training time."""
+    from .. import data
+
+    if not options.get("dataset") and data.recorded_dataset(model) is None:
+        raise click.UsageError(f"{model_file} records no dataset; pass --dataset NAME")
+    ds = data.dataset_for_checkpoint(model, **options)
+    if getattr(ds, "matches_training", None) is False:
+        err_console.print(f"warning: these {'validation' if ds.split == 'val' else ds.split} images differ from the "
+                          "ones recorded at training time (different seed, val split or data)",
+                          highlight=False, soft_wrap=True)
+    return ds

@@ -16,8 +16,8 @@ import click
 from rich.table import Table
 
 from ..errors import ConfigError, RunFolderError
-from ._common import EXIT_GATE, err_console, handle_errors, out_console, resolve_device, show_progress
-from ._common import meta_value as _meta_value
+from ._common import (EXIT_GATE, checkpoint_dataset, err_console, handle_errors, out_console, resolve_device,
+                      show_progress)
 
 SPLITS = ("train", "val", "test", "all")
 ATTACK_CHOICES = ("all", "pgd", "apgd-ce", "apgd-dlr")
@@ -130,9 +130,14 @@ def _save_pngs(folder: Path, images) -> int:
               help="cifar10, cifar100, mnist, fashion-mnist, imagefolder or synthetic. Default: the "
                    "dataset recorded in the checkpoint.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where the dataset lives.")
+@click.option("--download", is_flag=True, help="Download a missing torchvision dataset.")
 @click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True,
-              help="val: the seeded validation part of the training images (the checkpoint's seed).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Attack only the first N images.")
+              help="val: the validation part of the training images, split as training split it (the "
+                   "same images as `lipcert certify`).")
+@click.option("--val-split", type=float, default=None,
+              help="Validation images carved from the training pool (default: the checkpoint's).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Attack a seeded random subset of N images (the same subset as `lipcert certify --limit N`).")
 @click.option("--eps", "eps", multiple=True, callback=_eps_option, metavar="EPS",
               help="l2 radius in [0, 1] pixel units, a fraction (36/255) or a decimal; repeatable. "
                    "Default: 36/255.")
@@ -165,8 +170,8 @@ def _save_pngs(folder: Path, images) -> int:
               help="Write the adversarial images found as PNG (8-bit: for looking at, not for replay) "
                    "into this new or empty folder.")
 @handle_errors
-def attack(model_file, dataset, data_dir, split, limit, eps, attack, steps, restarts, audit, min_norm,
-           search_steps, batch_size, eval_path, dense_max, device, seed, fmt, output, save_adversarials):
+def attack(model_file, dataset, data_dir, download, split, val_split, limit, eps, attack, steps, restarts, audit,
+           min_norm, search_steps, batch_size, eval_path, dense_max, device, seed, fmt, output, save_adversarials):
     """Attack MODEL_FILE (a .safetensors checkpoint) with l2 PGD and APGD, report clean, certified
     and empirical robust accuracy side by side, and with --audit prove that no certificate is
     wrong (an attack that succeeds inside a certified radius is a violation)."""
@@ -175,7 +180,6 @@ def attack(model_file, dataset, data_dir, split, limit, eps, attack, steps, rest
     from ..audit import attack_dataset
     from ..certificates import Certifier
     from ..checkpoint import load_any
-    from ..data import load_dataset
 
     machine = fmt != "table"
     eps = list(eps) or [("36/255", 36 / 255)]
@@ -186,23 +190,8 @@ def attack(model_file, dataset, data_dir, split, limit, eps, attack, steps, rest
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{model_file}: attacks need the model's gradients; exported models cannot be "
                           "attacked, use the .safetensors checkpoint")
-    meta = getattr(model, "checkpoint_metadata", None) or {}
-    name = dataset or _meta_value(meta, "dataset")
-    if isinstance(name, dict):
-        name = name.get("name")
-    if not name:
-        raise click.UsageError(f"{model_file} records no dataset; pass --dataset NAME")
-    recorded = _meta_value(meta, "seed")
-    split_seed = int(recorded) if str(recorded).lstrip("-").isdigit() else 0
-    val_split = _meta_value(meta, "val_split") if split in ("train", "val") else None
-    if isinstance(val_split, float) and val_split.is_integer() and val_split >= 1:
-        val_split = int(val_split)
-    ds = load_dataset(str(name), split, data_dir=data_dir, val_split=val_split if isinstance(val_split, (int, float))
-                      else None, seed=split_seed, input_shape=getattr(model, "input_shape", None), limit=limit)
-    if hasattr(ds, "check_shape") and getattr(model, "input_shape", None) is not None:
-        ds.check_shape(model.input_shape)
-    if getattr(ds, "num_classes", 0) > getattr(model, "num_classes", 10**9):
-        raise ConfigError(f"the {ds.name} dataset has {ds.num_classes} classes but the model has {model.num_classes}")
+    ds = checkpoint_dataset(model, model_file, split=split, dataset=dataset, data_dir=data_dir, download=download,
+                            val_split=val_split, limit=limit)
 
     if eval_path == "fast":
         from ..soc import set_eval_mode
@@ -227,8 +216,9 @@ def attack(model_file, dataset, data_dir, split, limit, eps, attack, steps, rest
 
     summary = report.summary
     summary["model_file"] = str(model_file)
-    config = {"model_file": str(model_file), "dataset": getattr(ds, "name", str(name)), "split": split,
-              "data_dir": data_dir, "split_seed": split_seed, "limit": limit, "eps": [lab for lab, _ in eps],
+    config = {"model_file": str(model_file), "dataset": ds.spec.name, "split": split, "data_dir": ds.spec.data_dir,
+              "split_seed": ds.spec.seed, "val_split": getattr(ds, "val_split", ds.spec.val_split),
+              "fingerprint": getattr(ds, "fingerprint", None), "limit": limit, "eps": [lab for lab, _ in eps],
               "attack": attack, "steps": steps, "restarts": restarts, "audit": audit, "min_norm": min_norm,
               "search_steps": search_steps, "batch_size": batch_size, "eval": eval_path, "dense_max": dense_max,
               "device": str(dev), "seed": seed}

@@ -14,8 +14,8 @@ from rich.markup import escape
 from ..certificates import CERTIFICATE_METHODS, STANDARD_EPS, eps_label, parse_eps
 from ..errors import ConfigError
 from ..reports import FORMATS
-from ._common import EXIT_GATE, err_console, handle_errors, out_console, resolve_device, show_progress
-from ._common import meta_value as _meta_value
+from ._common import (EXIT_GATE, checkpoint_dataset, err_console, handle_errors, out_console, resolve_device,
+                      show_progress)
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -46,17 +46,6 @@ def _gate_option(ctx, param, values):
         raise click.BadParameter(str(e)) from None
 
 
-def _norm(name) -> str:
-    return str(name).strip().lower().replace("_", "-")
-
-
-def _int_or(value, default):
-    try:
-        return int(value) if value is not None and float(value).is_integer() else default
-    except (TypeError, ValueError):
-        return default
-
-
 @click.command(epilog=EPILOG)
 @click.argument("model_file", type=click.Path(dir_okay=False))
 @click.option("--dataset", default=None,
@@ -66,11 +55,12 @@ def _int_or(value, default):
               help="Where the dataset lives; for imagefolder, the folder of class subfolders.")
 @click.option("--download", is_flag=True, help="Download a missing torchvision dataset.")
 @click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True,
-              help="val: the seeded validation part of the training images (the checkpoint's seed "
-                   "and val split when recorded); test: the official test split; all: every image.")
+              help="val: the validation part of the training images, split as training split it (the "
+                   "checkpoint's data seed, val split and synthetic size); test: the official test split; "
+                   "all: every image.")
 @click.option("--val-split", type=float, default=None,
               help="Validation images carved from the training pool (default: the checkpoint's).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Certify only the first N images.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Certify a seeded random subset of N images (the same subset as `lipcert attack --limit N`).")
 @click.option("--eps", "eps", multiple=True, callback=_eps_option, metavar="EPS",
               help="l2 radius to report certified accuracy at, a fraction (36/255) or a decimal "
                    "(0.5); repeatable. Default: 36/255, 72/255, 108/255.")
@@ -106,7 +96,7 @@ def _int_or(value, default):
               help="Exit with code 3 when certified accuracy at EPS is below PCT percent, e.g. "
                    "60@36/255; repeatable.")
 @click.option("--seed", type=int, default=None,
-              help="Seed of the train/val split and the lower bound (default: the checkpoint's, else 0).")
+              help="Seed of the train/val split and the lower bound (default: the checkpoint's data seed, else 0).")
 @handle_errors
 def certify(model_file, dataset, data_dir, download, split, val_split, limit, eps, certificate,
             lipschitz, lower_bound, lower_bound_samples, batch_size, eval_path, dense_max, device, output, fail_under, seed,
@@ -128,42 +118,10 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
     machine = fmt != "table"
     dev = resolve_device(device)
     model = load_any(model_file, device=dev)
-    meta = getattr(model, "checkpoint_metadata", None) or {}
 
-    recorded_name = _meta_value(meta, "dataset")
-    if isinstance(recorded_name, dict):  # a recorded dataset description rather than a bare name
-        recorded_name = recorded_name.get("name")
-    name = dataset or recorded_name
-    if not name:
-        raise ConfigError(f"{model_file} records no dataset; pass --dataset NAME")
-    # The training run's split is only meaningful for the dataset it was trained on.
-    same = recorded_name is not None and _norm(name) == _norm(recorded_name)
-    if seed is None:
-        recorded = _meta_value(meta, "data_seed") if same else None
-        if recorded is None and same:
-            recorded = _meta_value(meta, "seed")
-        seed = _int_or(recorded, 0)
-    if val_split is None and split in ("train", "val") and same:
-        recorded = _meta_value(meta, "val_split")
-        val_split = recorded if isinstance(recorded, (int, float)) else None
-    if val_split is not None and float(val_split).is_integer():
-        val_split = int(val_split)
-    extra = {}
-    if _norm(name) == "synthetic" and same and _meta_value(meta, "synthetic_size") is not None:
-        extra["size"] = _int_or(_meta_value(meta, "synthetic_size"), None)
-    if data_dir is None and _norm(name) == "imagefolder" and same:
-        data_dir = _meta_value(meta, "data_dir")
-
-    from ..data import load_dataset
-
-    input_shape = getattr(model, "input_shape", None)
-    ds = load_dataset(str(name), split, data_dir=data_dir, download=download, val_split=val_split,
-                      seed=seed, input_shape=input_shape, limit=limit, **{k: v for k, v in extra.items() if v})
-    recorded_fp = meta.get("val_fingerprint")
-    if (same and split == "val" and limit is None and not _meta_value(meta, "val_limit") and recorded_fp
-            and recorded_fp != ds.fingerprint):
-        err_console.print("warning: these validation images differ from the ones recorded at training time "
-                          "(different seed, val split or data)", highlight=False, soft_wrap=True)
+    ds = checkpoint_dataset(model, model_file, split=split, dataset=dataset, data_dir=data_dir, download=download,
+                            val_split=val_split, seed=seed, limit=limit)
+    seed = ds.spec.seed
     if eval_path == "fast":
         from ..soc import set_eval_mode
 
@@ -176,9 +134,6 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
             err_console.print(f"preparing the fast evaluation path for {len(ds):,} images (bounds, and dense "
                               "matrices where they pay off: up to a few minutes on a CPU)", highlight=False,
                               soft_wrap=True)
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes is not None and getattr(ds, "num_classes", 0) > num_classes:
-        raise ConfigError(f"the {ds.name} dataset has {ds.num_classes} classes but the model has {num_classes}")
     if lipschitz is not None:
         err_console.print(f"note: using the user-supplied Lipschitz bound {lipschitz!r}; the certificates are "
                           "only as sound as that value", highlight=False, soft_wrap=True)
@@ -216,7 +171,7 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
 
     result.summary["model_file"] = str(model_file)
     result.summary["config"] = {
-        "dataset": ds.name, "split": split, "data_dir": None if data_dir is None else str(data_dir),
+        "dataset": ds.name, "split": split, "data_dir": ds.spec.data_dir,
         "val_split": getattr(ds, "val_split", val_split), "seed": seed, "limit": limit,
         "eps": [eps_label(e) for e in eps_values], "certificate": certificate, "lipschitz": lipschitz,
         "lower_bound": lower_bound, "batch_size": batch_size, "eval": eval_path, "dense_max": dense_max,

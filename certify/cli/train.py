@@ -189,10 +189,11 @@ def demo(output: str | None, epochs: int, seed: int, device: str, progress: bool
     certify its validation split and print the certified-accuracy table."""
     import torch
 
+    import certify.data
     from certify.certificates import STANDARD_EPS, parse_eps
     from certify.checkpoint import load
     from certify.errors import RunFolderError
-    from certify.train import TrainConfig, load_data
+    from certify.train import TrainConfig
     from certify.train import train as run_training
 
     run_dir = Path(output) if output else _fresh_dir(Path("lipcert-demo"))
@@ -213,7 +214,7 @@ def demo(output: str | None, epochs: int, seed: int, device: str, progress: bool
     from certify.certificates import Certifier
 
     model = load(run_dir / "best.safetensors", device=result.model.parameters().__next__().device)
-    _, val = load_data(cfg)
+    val = certify.data.dataset_for_checkpoint(model, "val")  # the images `lipcert certify` sees
     certifier = Certifier(model)
     x, y = val.images, val.labels
     dev = next(model.parameters()).device
