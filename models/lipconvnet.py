@@ -15,6 +15,7 @@ after normalisation, an isometric embedding that keeps the bound.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -40,6 +41,44 @@ def _size2(size: int | Sequence[int]) -> tuple[int, int]:
         return (size, size)
     h, w = size
     return (int(h), int(w))
+
+
+def _padded(size: tuple[int, int]) -> tuple[int, int]:
+    """The input size rounded up to a multiple of 32 (the zero padding after normalisation)."""
+    return (-(-size[0] // 32) * 32, -(-size[1] // 32) * 32)
+
+
+def _check_config(depth: int, head: str, num_classes: int, width: int) -> None:
+    if depth not in DEPTHS:
+        raise ConfigError(f"LipConvnet depth must be one of {DEPTHS}, got {depth}")
+    if head not in HEADS:
+        raise ConfigError(f"unknown head {head!r}; choose from {HEADS}")
+    if num_classes < 2:
+        raise ConfigError(f"need at least 2 classes, got {num_classes}")
+    if width < 2 or width % 2:
+        raise ConfigError(f"width must be an even number >= 2, got {width}")
+
+
+def _layout(depth: int, in_channels: int, width: int, head: str) -> tuple[list[tuple[str, str, Any]], int]:
+    """The body of LipConvnet-``depth`` (see the module docstring), as ``(name, kind, size)`` with
+    kind ``soc`` (size: in channels, out channels, kernel, stride), ``act`` or ``pool`` (size:
+    channels); and the channels the head sees per 32x32 tile of the input. One description for
+    the model and for its static facts (:func:`lipconvnet_facts`)."""
+    b = depth // 5
+    layers: list[tuple[str, str, Any]] = [("init.conv", "soc", (in_channels, width, 3, 1)), ("init.act", "act", width)]
+    c = width
+    for i in range(1, 5):
+        for j in range(b - 1):
+            layers += [(f"block{i}.conv{j}", "soc", (c, c, 3, 1)), (f"block{i}.act{j}", "act", c)]
+        layers += [(f"block{i}.down", "soc", (c, 4 * c, 3, 2)), (f"block{i}.pool", "pool", 4 * c)]
+        c *= 2
+    wide = 4 * c
+    layers += [("block5.conv0", "soc", (c, wide, 1, 2))]
+    for j in range(1, b):
+        layers += [(f"block5.act{j - 1}", "act", wide), (f"block5.conv{j}", "soc", (wide, wide, 1, 1))]
+    if head == "mlp":
+        return layers + [(f"block5.act{b - 1}", "act", wide)], wide
+    return layers + [("block5.pool", "pool", wide)], wide // 2
 
 
 class LipConvNet(LipschitzNet):
@@ -70,14 +109,7 @@ class LipConvNet(LipschitzNet):
         mlp_beta: float = 1.0,
     ) -> None:
         super().__init__()
-        if depth not in DEPTHS:
-            raise ConfigError(f"LipConvnet depth must be one of {DEPTHS}, got {depth}")
-        if head not in HEADS:
-            raise ConfigError(f"unknown head {head!r}; choose from {HEADS}")
-        if num_classes < 2:
-            raise ConfigError(f"need at least 2 classes, got {num_classes}")
-        if width < 2 or width % 2:
-            raise ConfigError(f"width must be an even number >= 2, got {width}")
+        _check_config(depth, head, num_classes, width)
         if mean is None or std is None:
             mean, std = (CIFAR_MEAN, CIFAR_STD) if in_channels == 3 else (
                 MNIST_MEAN * in_channels, MNIST_STD * in_channels)
@@ -87,42 +119,26 @@ class LipConvNet(LipschitzNet):
         self.input_shape = (in_channels, *_size2(input_size))
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.head_kind = head
-        h, w = self.input_shape[1:]
-        self.padded_size = (-(-h // 32) * 32, -(-w // 32) * 32)
+        self.padded_size = _padded(self.input_shape[1:])
 
         soc_kw = dict(train_terms=train_terms, eval_terms=eval_terms, backward=backward,
                       eval_mode=eval_mode, eval_tol=eval_tol)
-        b = depth // 5
         self.normalize = Normalize(self.mean, self.std)
 
-        layers: list[tuple[str, nn.Module]] = [
-            ("init.conv", SOC(in_channels, width, 3, **soc_kw)),
-            ("init.act", make_activation(activation, width)),
-        ]
-        c = width
-        for i in range(1, 5):
-            for j in range(b - 1):
-                layers += [(f"block{i}.conv{j}", SOC(c, c, 3, **soc_kw)),
-                           (f"block{i}.act{j}", make_activation(activation, c))]
-            layers += [(f"block{i}.down", SOC(c, 4 * c, 3, stride=2, **soc_kw)),
-                       (f"block{i}.pool", make_pooling(pooling, 4 * c))]
-            c *= 2
-        wide = 4 * c
-        layers += [("block5.conv0", SOC(c, wide, 1, stride=2, **soc_kw))]
-        for j in range(1, b):
-            layers += [(f"block5.act{j - 1}", make_activation(activation, wide)),
-                       (f"block5.conv{j}", SOC(wide, wide, 1, **soc_kw))]
-        if head == "mlp":
-            layers += [(f"block5.act{b - 1}", make_activation(activation, wide))]
-            out_c = wide
-        else:
-            layers += [("block5.pool", make_pooling(pooling, wide))]
-            out_c = wide // 2
+        specs, out_c = _layout(depth, in_channels, width, head)
+        layers: list[tuple[str, nn.Module]] = []
+        for name, kind, size in specs:  # built in order: the seeded initialisation depends on it
+            if kind == "soc":
+                cin, cout, k, stride = size
+                layers.append((name, SOC(cin, cout, k, stride=stride, **soc_kw)))
+            elif kind == "act":
+                layers.append((name, make_activation(activation, size)))
+            else:
+                layers.append((name, make_pooling(pooling, size)))
         # nn.ModuleDict keys may not contain dots: the state dict reads body.block1-conv0.weight
         self.layer_names = [n for n, _ in layers]
         self.body = nn.ModuleDict({n.replace(".", "-"): m for n, m in layers})
-        spatial = (self.padded_size[0] // 32) * (self.padded_size[1] // 32)
-        self.num_features = out_c * spatial
+        self.num_features = out_c * (self.padded_size[0] // 32) * (self.padded_size[1] // 32)
 
         if head == "ortho":
             self.head = OrthoHead(self.num_features, num_classes, **soc_kw)
@@ -138,49 +154,114 @@ def _create_lipconvnet(depth: int, **kwargs) -> LipConvNet:
     return LipConvNet(depth=depth, **kwargs)
 
 
-@register_model
+# ---- static facts: what `lipcert models` lists, from the configuration alone (no weights) --------
+
+#: Learnable parameters of each layer kind, as the layers define them (certify.soc, .activations,
+#: .pooling, .heads, .mlp_head); tests/test_cli_models.py checks them against built models.
+_ACT_PARAMS = {"maxmin": lambda c: 0, "hh1": lambda c: c // 2, "hh2": lambda c: 3 * (c // 2)}
+_POOL_PARAMS = {"max": lambda c: 0, "lip": lambda c: c // 2}
+_CERTIFICATES = {"ortho": "global", "lln": "pairwise", "mlp": "curvature"}
+
+
+def _soc_params(cin: int, cout: int, k: int, stride: int) -> int:
+    m = max(cout, cin * stride * stride)  # SOC runs on the space-to-depth input, padded to m channels
+    return m * m * k * k + cout
+
+
+def lipconvnet_facts(depth: int, **kwargs) -> dict[str, Any]:
+    """Static facts of ``LipConvNet(depth=depth, **kwargs)`` computed from its configuration in
+    microseconds, without building it (a build runs every SOC layer's initial power iteration):
+    family, depth, width, activation, pooling, head, certificate, classes, input shape and the
+    exact parameter count. Invalid options raise :class:`ConfigError`, as the constructor does."""
+    import inspect
+
+    try:
+        args = inspect.signature(LipConvNet).bind(depth=depth, **kwargs)
+    except TypeError as e:  # an option the model does not take
+        raise ConfigError(str(e)) from None
+    args.apply_defaults()
+    a = args.arguments
+    _check_config(a["depth"], a["head"], a["num_classes"], a["width"])
+    if a["activation"] not in _ACT_PARAMS:
+        raise ConfigError(f"unknown activation {a['activation']!r}; choose from {sorted(_ACT_PARAMS)}")
+    if a["pooling"] not in _POOL_PARAMS:
+        raise ConfigError(f"unknown pooling {a['pooling']!r}; choose from {sorted(_POOL_PARAMS)}")
+    input_shape = (int(a["in_channels"]), *_size2(a["input_size"]))
+    specs, out_c = _layout(a["depth"], input_shape[0], a["width"], a["head"])
+    count = {"soc": lambda size: _soc_params(*size), "act": _ACT_PARAMS[a["activation"]],
+             "pool": _POOL_PARAMS[a["pooling"]]}
+    params = sum(count[kind](size) for _, kind, size in specs)
+    padded = _padded(input_shape[1:])
+    features, classes = out_c * (padded[0] // 32) * (padded[1] // 32), a["num_classes"]
+    if a["head"] == "ortho":
+        params += _soc_params(features, classes, 1, 1)
+    elif a["head"] == "lln":
+        params += classes * features + classes
+    else:
+        hidden = a["mlp_hidden"]
+        params += hidden * features + hidden + classes * hidden + classes
+    return {"family": "LipConvnet", "depth": a["depth"], "width": a["width"], "activation": a["activation"],
+            "pooling": a["pooling"], "head": a["head"], "certificate": _CERTIFICATES[a["head"]],
+            "num_classes": classes, "input_shape": list(input_shape), "parameters": params}
+
+
+def _facts(depth: int, mlp: bool = False):
+    """The static facts of a registered builder (its fixed depth, and head for the _mlp ones)."""
+
+    def facts(**kwargs) -> dict[str, Any]:
+        if mlp:
+            head = kwargs.pop("head", "mlp")
+            if head != "mlp":
+                raise ConfigError(f"lipconvnet{depth}_mlp has the MLP head; got head={head!r} (use lipconvnet{depth})")
+            kwargs["head"] = "mlp"
+        return lipconvnet_facts(depth, **kwargs)
+
+    return facts
+
+
+@register_model(facts=_facts(5))
 def lipconvnet5(**kwargs) -> LipConvNet:
     """LipConvnet-5: one SOC per block (the budget baseline of the paper's recipe)."""
     return _create_lipconvnet(5, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(10))
 def lipconvnet10(**kwargs) -> LipConvNet:
     """LipConvnet-10: two SOC layers per block."""
     return _create_lipconvnet(10, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(15))
 def lipconvnet15(**kwargs) -> LipConvNet:
     """LipConvnet-15: three SOC layers per block (the paper's best with the MLP head)."""
     return _create_lipconvnet(15, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(20))
 def lipconvnet20(**kwargs) -> LipConvNet:
     """LipConvnet-20: four SOC layers per block."""
     return _create_lipconvnet(20, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(25))
 def lipconvnet25(**kwargs) -> LipConvNet:
     """LipConvnet-25: five SOC layers per block."""
     return _create_lipconvnet(25, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(30))
 def lipconvnet30(**kwargs) -> LipConvNet:
     """LipConvnet-30: six SOC layers per block."""
     return _create_lipconvnet(30, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(35))
 def lipconvnet35(**kwargs) -> LipConvNet:
     """LipConvnet-35: seven SOC layers per block."""
     return _create_lipconvnet(35, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(40))
 def lipconvnet40(**kwargs) -> LipConvNet:
     """LipConvnet-40: eight SOC layers per block."""
     return _create_lipconvnet(40, **kwargs)
@@ -196,49 +277,49 @@ def _create_lipconvnet_mlp(depth: int, **kwargs) -> LipConvNet:
     return _create_lipconvnet(depth, head="mlp", **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(5, mlp=True))
 def lipconvnet5_mlp(**kwargs) -> LipConvNet:
     """LipConvnet-5 with the MLP head certified by curvature (CRC-Lip)."""
     return _create_lipconvnet_mlp(5, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(10, mlp=True))
 def lipconvnet10_mlp(**kwargs) -> LipConvNet:
     """LipConvnet-10 with the MLP head certified by curvature (CRC-Lip)."""
     return _create_lipconvnet_mlp(10, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(15, mlp=True))
 def lipconvnet15_mlp(**kwargs) -> LipConvNet:
     """LipConvnet-15 with the MLP head: the paper's best CRC-Lip model (79.4% clean, 67.0% at 36/255)."""
     return _create_lipconvnet_mlp(15, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(20, mlp=True))
 def lipconvnet20_mlp(**kwargs) -> LipConvNet:
     """LipConvnet-20 with the MLP head certified by curvature (CRC-Lip)."""
     return _create_lipconvnet_mlp(20, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(25, mlp=True))
 def lipconvnet25_mlp(**kwargs) -> LipConvNet:
     """LipConvnet-25 with the MLP head certified by curvature (CRC-Lip)."""
     return _create_lipconvnet_mlp(25, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(30, mlp=True))
 def lipconvnet30_mlp(**kwargs) -> LipConvNet:
     """LipConvnet-30 with the MLP head certified by curvature (CRC-Lip)."""
     return _create_lipconvnet_mlp(30, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(35, mlp=True))
 def lipconvnet35_mlp(**kwargs) -> LipConvNet:
     """LipConvnet-35 with the MLP head certified by curvature (CRC-Lip)."""
     return _create_lipconvnet_mlp(35, **kwargs)
 
 
-@register_model
+@register_model(facts=_facts(40, mlp=True))
 def lipconvnet40_mlp(**kwargs) -> LipConvNet:
     """LipConvnet-40 with the MLP head certified by curvature (CRC-Lip)."""
     return _create_lipconvnet_mlp(40, **kwargs)
