@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ConfigError, DataError
-from .lipschitz import empirical_lower_bound
+from torch import nn
+
+from .lipschitz import check_finite, empirical_lower_bound
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -85,11 +87,37 @@ def certified_mask(radius: torch.Tensor, correct: torch.Tensor, eps: float) -> t
 
 
 CERTIFICATE_METHODS = ("auto", "global", "pairwise", "curvature", "curvature-quick")
+PRECISIONS = ("confirm", "float64", "float32")
+
+# Radii within this relative distance of a certification threshold are confirmed by a float64
+# evaluation (precision="confirm"). Measured float32 radius errors of lipcert's networks are about
+# 1e-6 relative; the band is 1000x that, and a batch whose measured float32 error reaches a tenth
+# of the band is evaluated in float64 throughout.
+CONFIRM_BAND = 1e-3
+
+
+def state_fingerprint(model) -> tuple:
+    """What the bound depends on: every parameter and buffer (identity, storage and in-place
+    version counter) and the evaluation settings of layers that have them. Any optimizer step,
+    ``load_state_dict``, ``.data`` assignment, in-place edit or eval-mode switch changes it."""
+    if not hasattr(model, "named_parameters"):
+        return ()
+    tensors = tuple((name, id(t), t.data_ptr(), t._version, t.dtype, str(t.device), tuple(t.shape))
+                    for name, t in list(model.named_parameters()) + list(model.named_buffers()))
+    settings = tuple((name, m.evaluation_settings()) for name, m in model.named_modules()
+                     if hasattr(m, "evaluation_settings"))
+    return tensors + settings
 
 
 class Certifier:
     """Certified radii for one model: the bounds are computed once, then each batch costs one
     evaluation forward pass.
+
+    The certifier certifies exactly the function it bounds: it puts the model in eval mode (the
+    bounds hold for the evaluation forward), refuses non-finite parameters, recomputes its bounds
+    when the model's weights, buffers or evaluation settings change after it was built
+    (:func:`state_fingerprint`), and runs with IEEE float32 arithmetic (no TF32,
+    :func:`certify.numerics.ieee_float32`).
 
     Args:
         model: a lipcert model (``lipschitz_bound()``, ``head_kind``), or any callable model when
@@ -100,21 +128,52 @@ class Certifier:
             than the tight dual one that ``curvature`` computes).
         lipschitz: a user-supplied Lipschitz bound of the whole model, for models that are not
             1-Lipschitz by construction; reports then say the bound is user-supplied.
+        precision: how the float32 rounding of the forward pass is covered. ``confirm`` (default):
+            the first batch is evaluated in float32 and in float64 (the same function: the
+            float32 weights and evaluation plans applied in float64 arithmetic), which measures
+            the float32 error; later, radii within ``CONFIRM_BAND`` (relative) of a threshold
+            passed to ``__call__``, and radii near 0, are recomputed in float64, and the smaller
+            radius and margin are kept. Where a measured float32 error exceeds a tenth of the
+            band, every later sample is evaluated in float64. ``float64``: every sample is evaluated in float64.
+            ``float32``: no re-check (the rounding of the forward pass is then not covered).
     """
 
-    def __init__(self, model, method: str = "auto", lipschitz: float | None = None) -> None:
+    def __init__(self, model, method: str = "auto", lipschitz: float | None = None,
+                 precision: str = "confirm") -> None:
         if method not in CERTIFICATE_METHODS:
             raise ConfigError(f"unknown certificate {method!r}; choose from {CERTIFICATE_METHODS}")
-        self.model = model
-        self.curvature_mode = "tight"
-        head = getattr(model, "head_kind", None)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
         if lipschitz is not None:
             if method not in ("auto", "global"):
                 raise ConfigError("a user-supplied Lipschitz bound only supports the global certificate")
             if not (lipschitz > 0 and math.isfinite(lipschitz)):
                 raise ConfigError(f"--lipschitz must be positive and finite, got {lipschitz}")
-            self.method, self.lipschitz, self.bound_source = "global", float(lipschitz), "user-supplied"
+        self.model = model
+        self.requested_method, self.user_lipschitz, self.precision = method, lipschitz, precision
+        self.rechecked = 0  # samples recomputed in float64 so far
+        self.max_float32_error = 0.0  # largest relative |r32 - r64| measured (_relative_error)
+        self.calibrated = False  # the first batch was measured in float64 throughout
+        self.escalated = False  # float32 error too large for the band: float64 throughout
+        self._compute_bounds()
+
+    def _compute_bounds(self) -> None:
+        from .lipschitz import upper_bound
+        from .numerics import ieee_float32
+
+        model, method = self.model, self.requested_method
+        if hasattr(model, "eval"):
+            model.eval()  # the bounds hold for the evaluation forward (SOC: more terms, no power iteration)
+        if isinstance(model, nn.Module):
+            check_finite(model)
+        self.curvature_mode = "tight"
+        self.lipschitz = None
+        self._model64 = None
+        if self.user_lipschitz is not None:
+            self.method, self.lipschitz, self.bound_source = "global", float(self.user_lipschitz), "user-supplied"
+            self._fingerprint = state_fingerprint(model)
             return
+        head = getattr(model, "head_kind", None)
         if method == "auto":
             method = {"lln": "pairwise", "mlp": "curvature"}.get(head, "global")
         if method == "curvature-quick":
@@ -126,42 +185,148 @@ class Certifier:
             raise ConfigError(f"the curvature certificate needs an MLP head; this model's head is {head!r}")
         if method == "global" and head == "mlp":
             raise ConfigError("an MLP head has no global Lipschitz bound; use the curvature certificate")
-        from .lipschitz import upper_bound
-
         self.method = method
         self.bound_source = getattr(model, "bound_source", "computed from the weights")
-        if method == "global":
-            self.lipschitz = upper_bound(model)
-        else:
-            self.lipschitz = None
-            self.feature_lipschitz = float(model.feature_lipschitz_bound())
-            if method == "pairwise":
-                self.row_distances = model.head.pairwise_row_distances()
+        with ieee_float32():
+            if method == "global":
+                self.lipschitz = upper_bound(model)
             else:
-                self.curvature = model.head.curvature_certifier(self.feature_lipschitz, mode=self.curvature_mode)
+                self.feature_lipschitz = float(model.feature_lipschitz_bound())
+                if method == "pairwise":
+                    self.row_distances = model.head.pairwise_row_distances()
+                else:
+                    self.curvature = model.head.curvature_certifier(self.feature_lipschitz, mode=self.curvature_mode)
+        self._fingerprint = state_fingerprint(model)
+
+    def refresh(self) -> bool:
+        """Recompute the bounds if the model changed since they were computed; True if it did."""
+        model = self.model
+        if hasattr(model, "modules") and any(m.training for m in model.modules()):
+            model.eval()
+        if state_fingerprint(model) == self._fingerprint:
+            return False
+        self._compute_bounds()
+        return True
 
     @property
     def name(self) -> str:
         """The certificate as the user names it (``curvature-quick`` for the quick curvature one)."""
         return "curvature-quick" if self.method == "curvature" and self.curvature_mode == "quick" else self.method
 
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits, predictions, margins (float64) and certified radii (float64) of a batch."""
+    def _evaluate(self, x: torch.Tensor, pred: torch.Tensor | None = None):
+        """(logits, pred, margin, radius) of one evaluation of the model at ``x``'s dtype."""
+        model = self._float64_model(x) if x.dtype == torch.float64 else self.model
         if self.method == "curvature":
-            feats = self.model.features(x)
-            logits = self.model.head(feats)
-            radius = self.curvature(feats, logits)
+            feats = model.features(x)
+            # the float64 features of a float32 head: the head certifies in float64 from its own
+            # float64 copies of the weights; its logits here only decide the prediction
+            logits = model.head(feats.to(model.head.fc1.weight.dtype))
+            own_pred, margin = predictions_and_margins(logits)
+            pred = own_pred if pred is None else pred
+            radius = self.curvature(feats, pred=pred)
         else:
-            logits = self.model(x)
+            logits = model(x)
+            own_pred, margin = predictions_and_margins(logits)
+            if pred is not None and not torch.equal(own_pred, pred.to(own_pred.device)):
+                # a float64 re-evaluation that disagrees with the float32 prediction: no certificate
+                margin = torch.where(own_pred == pred.to(own_pred.device), margin, torch.zeros_like(margin))
+            pred = own_pred if pred is None else pred
             if self.method == "global":
                 radius = global_radius(logits, self.lipschitz)
             else:
                 radius = pairwise_radius(logits, self.feature_lipschitz, self.row_distances)
-        pred, margin = predictions_and_margins(logits)
         if not torch.isfinite(logits).all():
             raise ConfigError("the model produced non-finite logits; refusing to certify")
+        # one rule for every certificate kind: a tie (margin 0) certifies nothing
+        radius = torch.where(margin > 0, radius, torch.zeros_like(radius))
         return logits, pred, margin, radius
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, thresholds=()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, predictions, margins (float64) and certified radii (float64) of a batch.
+
+        ``thresholds``: the radii (eps) at which the caller will decide "certified"; with
+        ``precision="confirm"`` the samples near one of them are re-checked in float64.
+        """
+        from .numerics import ieee_float32
+
+        self.refresh()
+        with ieee_float32():
+            if not self._float64_capable():
+                return self._evaluate(x)
+            if self.precision == "float64" or self.escalated:
+                self.rechecked += x.shape[0]
+                return self._evaluate(x.to(torch.float64))
+            logits, pred, margin, radius = self._evaluate(x)
+            if self.precision == "float32":
+                return logits, pred, margin, radius
+            # The first batch is evaluated in float64 throughout: it measures the float32 error
+            # that the band must dominate. Later batches re-check the samples near a threshold.
+            idx = (torch.arange(x.shape[0], device=radius.device) if not self.calibrated
+                   else self._near(radius, thresholds).nonzero().flatten())
+            if idx.numel() == 0:
+                return logits, pred, margin, radius
+            _, _, margin64, radius64 = self._evaluate(x[idx].to(torch.float64), pred[idx])
+            self.rechecked += int(idx.numel())
+            self.calibrated = True
+            self.max_float32_error = max(self.max_float32_error,
+                                         self._relative_error(radius[idx], radius64, thresholds))
+            radius, margin = radius.clone(), margin.clone()
+            radius[idx] = torch.minimum(radius[idx], radius64)
+            margin[idx] = torch.minimum(margin[idx], margin64)
+            if self.max_float32_error > CONFIRM_BAND / 10 and idx.numel() < x.shape[0]:
+                # float32 is not accurate enough for the band to be safe: all in float64 from now on
+                self.escalated = True
+                self.rechecked += x.shape[0] - int(idx.numel())
+                _, _, margin64, radius64 = self._evaluate(x.to(torch.float64), pred)
+                radius, margin = torch.minimum(radius, radius64), torch.minimum(margin, margin64)
+            elif self.max_float32_error > CONFIRM_BAND / 10:
+                self.escalated = True
+        return logits, pred, margin, radius
+
+    def _relative_error(self, r32: torch.Tensor, r64: torch.Tensor, thresholds) -> float:
+        """Largest |r32 - r64| relative to the radius, the nearest threshold, or a thousandth of
+        the largest radius (so that radii near 0 do not count as large relative errors)."""
+        if r64.numel() == 0:
+            return 0.0
+        floor = CONFIRM_BAND * float(r64.max().clamp_min(0))
+        scale = torch.maximum(r64, self._nearest_threshold(r64, thresholds)).clamp_min(max(floor, 1e-300))
+        return float(((r32 - r64).abs() / scale).max())
+
+    def _float64_model(self, x: torch.Tensor):
+        """The model that evaluates the certified function in float64 arithmetic: the model
+        itself where it takes float64 inputs (lipcert's layers apply their float32 weights and
+        evaluation plans to them), else a float64 copy of it (the same weights, exactly)."""
+        if self._model64 is None:
+            try:
+                self.model(x[:1])
+                self._model64 = self.model
+            except RuntimeError:
+                import copy
+
+                self._model64 = copy.deepcopy(self.model).double().eval()
+        return self._model64
+
+    def _float64_capable(self) -> bool:
+        # a torch model evaluates its float32 weights on float64 inputs (the same function in
+        # float64 arithmetic); an onnxruntime session cannot
+
+        return isinstance(self.model, nn.Module)
+
+    @staticmethod
+    def _nearest_threshold(radius: torch.Tensor, thresholds) -> torch.Tensor:
+        if not thresholds:
+            return torch.zeros_like(radius)
+        t = torch.tensor([float(e) for e in thresholds], dtype=torch.float64, device=radius.device)
+        return t[(radius[:, None] - t[None, :]).abs().argmin(dim=1)]
+
+    def _near(self, radius: torch.Tensor, thresholds) -> torch.Tensor:
+        """Samples whose decision at some threshold, or whose non-zero radius, float32 rounding
+        could change: radius within the band of a threshold, or a tiny positive radius."""
+        near = (radius > 0) & (radius <= CONFIRM_BAND * float(radius.max().clamp_min(0)))
+        for e in thresholds:
+            near |= (radius - float(e)).abs() <= CONFIRM_BAND * float(e)
+        return near
 
 
 # ---- certifying a whole dataset -----------------------------------------------------------------
@@ -355,6 +520,7 @@ def certify_dataset(
     else:
         cert = Certifier(model, method=method, lipschitz=lipschitz)
     bound_seconds = time.perf_counter() - t0
+    rechecked_before = cert.rechecked
     expected_shape = getattr(model, "input_shape", None)
     num_classes = getattr(model, "num_classes", None)
     model_name = getattr(model, "model_name", type(model).__name__)
@@ -376,7 +542,8 @@ def certify_dataset(
         if num_classes is not None and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise DataError(f"labels must lie in 0..{num_classes - 1} for this model, "
                             f"got {int(y.min())}..{int(y.max())}")
-        _, pred, margin, radius = cert(x.to(device=device, dtype=torch.float32))
+        _, pred, margin, radius = cert(x.to(device=device, dtype=torch.float32),
+                                       thresholds=[value for _, value in eps_items])
         labels.append(y)
         preds.append(pred.cpu())
         margins.append(margin.cpu())
@@ -430,6 +597,10 @@ def certify_dataset(
             "lipschitz_lower_bound": lower,
             "lower_bound_samples": k if lower_bound else None,
             "strict": "certified at eps means correct and radius > eps",
+            "precision": cert.precision,
+            "float64_rechecked": cert.rechecked - rechecked_before,
+            "float32_max_relative_error": cert.max_float32_error if cert.rechecked > rechecked_before else None,
+            "float64_throughout": cert.precision == "float64" or cert.escalated,
         },
         "counts": {"total": n, "correct": n_correct,
                    "certified": {row["eps"]: row["certified"] for row in eps_rows}},

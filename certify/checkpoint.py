@@ -173,6 +173,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", allow_pick
         model = model_from_metadata(meta, path)
     else:
         model = build_from_metadata(meta, path)
+    bad = [k for k, t in state.items() if torch.is_floating_point(t) and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+        raise CheckpointError(f"{path}: non-finite values (NaN or inf) in {shown}; refusing to load")
     load_state_strict(model, state, path)
     decoded = {k: _maybe_json(v) for k, v in meta.items()}
     model.checkpoint_metadata = decoded
@@ -192,11 +196,14 @@ def _maybe_json(value: str) -> Any:
         return value
 
 
-def load_any(path: str | os.PathLike, device: str | torch.device = "cpu", allow_pickle: bool = False):
+def load_any(path: str | os.PathLike, device: str | torch.device = "cpu", allow_pickle: bool = False,
+             onnx_bound: str = "verify"):
     """Load any model file lipcert can certify: a ``.safetensors`` checkpoint (training or baked),
-    or an exported ``.onnx`` model (run by onnxruntime, with the bound stored at export time)."""
+    or an exported ``.onnx`` model (run by onnxruntime; ``onnx_bound`` is
+    :func:`certify.export.load_onnx_model`'s ``bound``: by default the graph is verified as
+    lipcert's and its bound computed from the graph's own weights)."""
     if Path(path).suffix.lower() == ".onnx":
         from .export import load_onnx_model  # needs the `export` extra
 
-        return load_onnx_model(path, device=device)
+        return load_onnx_model(path, device=device, bound=onnx_bound)
     return load(path, device=device, allow_pickle=allow_pickle)

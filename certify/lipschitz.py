@@ -19,6 +19,16 @@ from torch import nn
 from .errors import ConfigError, NotLipschitzError
 
 
+def check_finite(model: nn.Module, what: str = "model") -> None:
+    """Refuse non-finite parameters and buffers: a NaN angle makes an activation discontinuous
+    and a NaN anywhere makes every bound computed from the weights meaningless."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+                raise NotLipschitzError(f"{what} has a non-finite {kind} {name!r} (NaN or inf); "
+                                        "no sound bound exists, refusing to certify")
+
+
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, inside the model so radii are in [0, 1] pixel units.
 
@@ -132,12 +142,14 @@ class LipschitzNet(nn.Module):
 
     def feature_lipschitz_bound(self) -> float:
         """Upper bound on the Lipschitz constant of x -> features(x)."""
+        check_finite(self)
         return product(self.feature_layer_bounds())
 
     def lipschitz_bound(self) -> float:
         """Rigorous upper bound on the l2 Lipschitz constant of x -> logits (eval mode)."""
         if self.head_kind == "mlp":
             raise NotLipschitzError("an MLP head has no global Lipschitz bound; use its curvature certificate")
+        check_finite(self)
         return product(self.layer_bounds())
 
 

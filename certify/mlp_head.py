@@ -268,8 +268,9 @@ class MLPHead(nn.Module):
         self._pairs()  # the per-pair eigenvalues, once, before the first batch
         lf = float(feature_lipschitz)
 
-        def certify(features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-            return self.certify_features(features, logits, mode=mode, **options) / lf
+        def certify(features: torch.Tensor, logits: torch.Tensor | None = None,
+                    pred: torch.Tensor | None = None) -> torch.Tensor:
+            return self.certify_features(features, logits, mode=mode, pred=pred, **options) / lf
 
         return certify
 
@@ -282,11 +283,14 @@ class MLPHead(nn.Module):
         eta_steps: int = 8,
         inner_steps: int = 30,
         max_rows: int | None = None,
+        pred: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Feature-space certified radius (float64, shape (N,)) of the prediction at ``features``.
 
-        The predicted class is the argmax of ``logits`` (the model's own output, so that the radius
-        refers to the prediction the user sees) or of the head's float64 logits. Every other class
+        The predicted class is ``pred`` when given (the class the caller reports), else the top
+        class of ``logits`` by the rule of :func:`certify.certificates.predictions_and_margins`
+        (the model's own output, so that the radius refers to the prediction the user sees), else
+        of the head's float64 logits. Every other class
         j gives a lower bound on the distance to {f_y = f_j}: the quick closed form, and in
         ``tight`` mode the dual bound (``eta_steps`` bisection steps on eta, ``inner_steps``
         accelerated-gradient steps per eta). The minimum over ALL j is returned; a prediction that
@@ -302,10 +306,14 @@ class MLPHead(nn.Module):
             raise ConfigError("non-finite features; refusing to certify")
         n, c, h = phi.shape[0], self.num_classes, pairs.hidden
         z0 = phi @ pairs.w1.T + pairs.b1
-        if logits is None:
+        if pred is not None:
+            pred = pred.to(pairs.w1.device).long()
+        elif logits is None:
             pred = (softplus64(z0, pairs.beta) @ pairs.w2.T + pairs.b2).argmax(1)
         else:
-            pred = logits.detach().to(pairs.w1.device).argmax(1)
+            # the same rule as certificates.predictions_and_margins (topk of the float64 logits),
+            # so that on a float32 tie the certified class is the reported one
+            pred = logits.detach().to(device=pairs.w1.device, dtype=torch.float64).topk(2, dim=1).indices[:, 0]
         max_rows = max_rows or max(1, (1 << 24) // max(h, pairs.features))
         quick = torch.empty(n, c, dtype=torch.float64, device=phi.device)
         chunk = max(1, max_rows // c)

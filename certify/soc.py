@@ -449,6 +449,11 @@ class SOC(nn.Module):
         a = self.skew_norm_bound(input_size)
         return 1.0 + taylor_error(a, self.eval_terms)
 
+    def evaluation_settings(self) -> tuple:
+        """The settings that decide which function the evaluation forward computes (and so its
+        bound): a certifier recomputes its bound when they change."""
+        return (self.eval_mode, self.eval_tol, self.eval_terms, self.eval_images, self.dense_max)
+
     def _plan_state(self) -> tuple:
         # In-place updates (optimizer steps, load_state_dict, power iteration) bump _version.
         return (self.weight._version, self.weight.data_ptr(), self.u1._version, self.u2._version,
@@ -488,12 +493,21 @@ class SOC(nn.Module):
         if a / a_used + rounding > 1.0:
             raise ArithmeticError("rounding pushed the scaled skew filter outside the unit ball")
         terms = choose_terms(a_used, self.eval_tol, "chebyshev")
-        coeffs = chebyshev_coefficients(a_used, terms)
+        # The coefficients as applied: float32 scalars in a float32 forward. They are rounded to
+        # the weights' precision here, once, so that a float64 evaluation of this model (the
+        # float64 re-check of a certificate) applies the very same polynomial, and the bound
+        # adds sum_k |c_k - fl(c_k)| (||U_k(S)|| <= 1).
+        exact = chebyshev_coefficients(a_used, terms)
+        coeffs = [float(torch.tensor(c, dtype=self.weight.dtype)) for c in exact]
+        coeff_rounding = sum(abs(c - r) for c, r in zip(exact, coeffs))
+        # A materialised operator is rounded to the weights' precision before it is cast to the
+        # evaluation dtype: float32 and float64 evaluations then apply the same matrix.
+        stored = self.weight.dtype
         if self.kernel_size == 1:
             s64 = s_filter.double()[:, :, 0, 0]
             eye = torch.eye(self.channels, dtype=torch.float64, device=device)
             q64 = chebyshev_apply(eye, lambda v: s64 @ v, coeffs)
-            q = q64[: self.out_channels].to(dtype)  # rows kept: channel slicing folded in
+            q = q64[: self.out_channels].to(stored).to(dtype)  # rows kept: channel slicing folded in
             if self.channels > self.in_channels_eff:  # zero-padded input channels never used
                 q = q[:, : self.in_channels_eff]
             plan = _EvalPlan("matrix", q.contiguous(), None, _real_matrix_norm_bound(q.double()), terms)
@@ -502,12 +516,12 @@ class SOC(nn.Module):
             q64 = paterson_stockmeyer(dense_conv_matrix(s_filter.double(), size), chebyshev_to_monomial(coeffs))
             h, w = size
             # rows of kept output channels, columns of real input channels (channel-major order)
-            q = q64[: self.out_channels * h * w, : self.in_channels_eff * h * w].to(dtype).contiguous()
+            q = q64[: self.out_channels * h * w, : self.in_channels_eff * h * w].to(stored).to(dtype).contiguous()
             del q64
             plan = _EvalPlan("dense", q, None, _real_matrix_norm_bound(q.double()), terms,
                              out_shape=(self.out_channels, h, w))
         else:
-            bound = 1.0 + chebyshev_error(a_used, terms)
+            bound = 1.0 + chebyshev_error(a_used, terms) + coeff_rounding
             plan = _EvalPlan("chebyshev", s_filter.contiguous(), coeffs, bound, terms,
                              doubled=(2 * s_filter).contiguous())
         self._plan, self._plan_key = plan, key

@@ -312,10 +312,12 @@ def test_certifier_on_tiny_lipconvnet_is_sound_against_perturbations():
         r_quick = quick(model.features(x), logits)
     assert (r_quick <= radius).all()
     # The same quick certificate through the Certifier (`lipcert certify --certificate curvature-quick`).
-    cert_quick = Certifier(model, "curvature-quick")
+    cert_quick = Certifier(model, "curvature-quick", precision="float32")
     assert cert_quick.method == "curvature" and cert_quick.curvature_mode == "quick"
     assert cert_quick.name == "curvature-quick" and cert.name == "curvature"
     assert torch.equal(cert_quick(x)[3], r_quick)
+    # with the float64 re-check (the default), never above the float32 radius
+    assert (Certifier(model, "curvature-quick")(x)[3] <= r_quick).all()
     with pytest.raises(ConfigError, match="MLP head"):
         Certifier(create_model("lipconvnet5", width=4, head="lln"), "curvature-quick")
     gen = torch.Generator().manual_seed(0)
