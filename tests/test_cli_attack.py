@@ -66,6 +66,13 @@ def test_table_json_csv_and_output_files(ckpt, tmp_path):
     assert lines[0].startswith("eps,") and len(lines) == 2
 
 
+def test_fast_evaluation_is_the_default(ckpt):
+    r = run(ckpt, "--limit", 2, *FAST, "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["config"]["eval"] == "fast"
+    assert "[default: fast]" in " ".join(CliRunner().invoke(cli, ["attack", "--help"]).output.split())
+
+
 def _labels_from_predictions(ckpt, n=6):
     """A dataset the model classifies perfectly (labels = its predictions), so every image with a
     positive margin is certified and audited."""

@@ -249,6 +249,18 @@ def test_a_model_that_is_not_lipschitz_needs_a_user_bound(ckpt, monkeypatch):
     c = json.loads(r.stdout)["certificate"]
     assert c["bound_source"] == "user-supplied" and c["lipschitz_upper_bound"] == 50.0
     assert "user-supplied" in r.stderr
+    assert "--eval fast applies to SOC layers" not in r.stderr  # the default path, not asked for: no note
+    r = run(ckpt, "--dataset", "synthetic", "--lipschitz", "50", "--eval", "fast")
+    assert r.exit_code == 0 and "--eval fast applies to SOC layers" in r.stderr
+
+
+def test_fast_evaluation_is_the_default_and_taylor_stays_available(ckpt):
+    for args, expected in (([], "fast"), (["--eval", "taylor"], "taylor")):
+        r = run(ckpt, "--format", "json", "--limit", "4", *args)
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["config"]["eval"] == expected
+    help_text = " ".join(CliRunner().invoke(cli, ["certify", "--help"]).output.split())
+    assert "[default: fast]" in help_text and "taylor: the paper's 15-term Taylor series" in help_text
 
 
 def test_help_documents_exit_codes():
