@@ -5,46 +5,44 @@ checked before anything is written: the exported artefact is run on a random bat
 are compared with the original model's; an export whose maximum absolute logit difference exceeds
 the tolerance fails with :class:`~certify.errors.ExportError` and leaves no file behind.
 
-- ONNX: ``torch.onnx.export(dynamo=True)`` (the TorchScript exporter only if dynamo fails), with a
-  dynamic batch axis, validated by ``onnx.checker`` and run by onnxruntime. An ONNX graph does not
-  let lipcert recompute a sound bound, so the bound is computed from the baked weights at export
-  and stored in the model's ``metadata_props`` with how it was computed, the certificate method
-  and (LLN head) the feature bound and the row-distance matrix. :func:`load_onnx_model` turns the
-  file back into an object that :class:`~certify.certificates.Certifier` certifies through
-  onnxruntime, with ``bound_source = "stored at export"``.
+- ONNX: lipcert's own translation of the baked model (:mod:`certify.onnx_graph`), with a dynamic
+  batch axis, validated by ``onnx.checker`` and run by onnxruntime. ``metadata_props`` holds the
+  layer plan and the graph format. :func:`load_onnx_model` rebuilds the baked model from the plan
+  and the graph's own initializers, requires the graph to be exactly the one lipcert writes for
+  it, and computes the bounds from the rebuilt model (``bound_source`` :data:`BOUND_VERIFIED`);
+  the bounds at export are stored too, as a record, and are read only when the user opts in to
+  trusting a file that does not verify (:data:`BOUND_TRUSTED`).
 - safetensors: the baked model's tensors with its layer plan; :func:`certify.checkpoint.load`
   rebuilds it with no training code, and the bound is recomputed from those tensors as usual.
 
-Needs the ``export`` extra (onnx, onnxscript, onnxruntime) for ONNX only.
+Needs the ``export`` extra (onnx, onnxruntime) for ONNX only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import math
-import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import __version__
 from .baked import BakedLipNet, bake
 from .checkpoint import SCHEMA, atomic_write_bytes
-from .errors import CheckpointError, ConfigError, ExportError, LipcertError
+from .errors import CheckpointError, ConfigError, ExportError, LipcertError, NotLipschitzError
 from .lipschitz import LayerBound
 
 EXTRA_INSTALL = "pip install 'lipcert[export]'"
 FORMATS = ("onnx", "safetensors")
 DEFAULT_TOLERANCE = 1e-4
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_NAME, OUTPUT_NAME = "images", "logits"  # as certify.onnx_graph names them
 
 BOUND_METHOD = (
     "product of per-layer rigorous upper bounds computed from the baked weights at export time: "
@@ -55,7 +53,9 @@ BOUND_METHOD = (
 
 # Metadata of the source checkpoint that describes the model rather than the file: copied into
 # the export so that a deployed model still says what it was trained on.
-_PASSTHROUGH = ("class_names", "dataset", "dataset_fingerprint", "seed", "epoch", "config")
+# The data keys let `lipcert certify` rebuild the checkpoint's own validation split from an export.
+_PASSTHROUGH = ("class_names", "dataset", "dataset_fingerprint", "seed", "epoch", "config", "data_seed",
+                "val_split", "val_limit", "val_fingerprint", "synthetic_size", "data_dir", "limit")
 
 
 def require(module: str, purpose: str):
@@ -217,55 +217,6 @@ def export_safetensors(
 # ---- ONNX -------------------------------------------------------------------------------------
 
 
-def _torch_export_onnx(baked: BakedLipNet, x: torch.Tensor, out: Path, opset: int | None) -> tuple[str, list[str]]:
-    """Write ``baked`` to ``out`` as ONNX; dynamo first, the TorchScript exporter as a fallback.
-
-    Returns the exporter used and the notes of a failed first attempt. The exporters print
-    progress on stdout, which is for results: it goes to stderr instead.
-    """
-    notes: list[str] = []
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(
-                baked, (x,), str(out), dynamo=True, verbose=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: batch},), external_data=False, optimize=True,
-                custom_translation_table=_custom_translations(),
-            )
-            return "dynamo", notes
-        except Exception as e:  # the exporters raise many types; keep the reason, try the fallback
-            notes.append(f"dynamo exporter failed: {_first_line(e)}")
-        try:
-            kwargs = {} if opset is None else {"opset_version": opset}
-            torch.onnx.export(
-                baked, (x,), str(out), dynamo=False, verbose=False,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs,
-            )
-            return "torchscript", notes
-        except Exception as e:
-            notes.append(f"TorchScript exporter failed: {_first_line(e)}")
-    raise ExportError("ONNX export failed: " + "; ".join(notes))
-
-
-def _custom_translations() -> dict:
-    """ONNX translations of ops the dynamo exporter lacks: ``hypot`` (the apex branch of Lip
-    pooling) as ``sqrt(a*a + b*b)``; equal to hypot up to rounding for the magnitudes that occur
-    in a network (no overflow below 1e19)."""
-    from onnxscript import opset18 as op
-
-    def hypot(a, b):
-        return op.Sqrt(op.Add(op.Mul(a, a), op.Mul(b, b)))
-
-    table = {}
-    for overload in (getattr(torch.ops.prims, "hypot", None), getattr(torch.ops.aten, "hypot", None)):
-        if overload is not None:
-            table[overload.default] = hypot
-    return table
-
-
 def _first_line(e: BaseException) -> str:
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
@@ -285,6 +236,9 @@ def _ort_session(ort, model_bytes_or_path, device: str | torch.device = "cpu"):
 
 
 def _bounds_metadata(baked: BakedLipNet) -> dict[str, str]:
+    """The bounds at export, as a record for readers of the file. lipcert itself recomputes them
+    from the graph on load and reads these only under ``bound="trust"`` for a graph it cannot
+    verify."""
     head = baked.head_kind
     meta: dict[str, str] = {"head_kind": head, "certificate": _certificate(head)}
     if head == "mlp":
@@ -314,19 +268,24 @@ def export_onnx(
     one_by_one: str = "matrix",
     source: Path | None = None,
 ) -> ExportReport:
-    """Bake ``model``, export it to ONNX and check it with onnx.checker and onnxruntime.
+    """Bake ``model``, write lipcert's ONNX graph of it (:func:`certify.onnx_graph.build_model`)
+    and check it with onnx.checker and onnxruntime.
 
     The ONNX model has one input ``images`` (N, C, H, W) in [0, 1] with a dynamic batch axis and
     one output ``logits`` (N, classes); normalisation is inside the graph. onnxruntime runs it on
     ``batch_size`` random images and on a single image (a second batch size, which checks the
     dynamic axis); if any logit differs from the original model's by more than ``tolerance``
-    the export fails and nothing is written. The lipcert metadata, the Lipschitz bound computed
-    at export included, is stored in ``metadata_props``.
+    the export fails and nothing is written. ``metadata_props`` holds the lipcert metadata, the
+    layer plan and the graph format that :func:`load_onnx_model` needs to rebuild and verify the
+    graph, and the bounds at export as a record. The file is read back and verified exactly as
+    :func:`load_onnx_model` does before it is written.
     """
     start = time.perf_counter()
     onnx = require("onnx", "ONNX export")
-    require("onnxscript", "ONNX export")
     ort = require("onnxruntime", "checking the exported ONNX model")
+    from .onnx_graph import GRAPH_FORMAT, OPSET, build_model
+
+    opset = OPSET if opset is None else int(opset)
     path, tolerance = Path(path), _tolerance(tolerance)
     _check_output(path, overwrite, source)
     model, baked = _prepare(model, one_by_one)
@@ -338,20 +297,13 @@ def export_onnx(
     want = _logits(model, x)
     baked_diff = _max_diff(want, _logits(baked, x))
 
-    with tempfile.TemporaryDirectory(prefix="lipcert-export-") as tmp:
-        tmp_file = Path(tmp) / "model.onnx"
-        exporter, notes = _torch_export_onnx(baked, x, tmp_file, opset)
-        try:
-            proto = onnx.load(str(tmp_file))
-        except Exception as e:
-            raise ExportError(f"the exporter wrote an unreadable ONNX file ({_first_line(e)})") from None
+    proto = build_model(baked, opset)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
         raise ExportError(f"onnx.checker rejected the exported model: {_first_line(e)}") from None
-    graph_bytes = proto.SerializeToString()
     try:
-        session = _ort_session(ort, graph_bytes)
+        session = _ort_session(ort, proto.SerializeToString())
         got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
         got_one = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x[:1].numpy()})[0])
     except Exception as e:
@@ -361,10 +313,11 @@ def export_onnx(
         raise ExportError(f"onnxruntime's logits differ from PyTorch's by {diff:.3g} (tolerance "
                           f"{tolerance:g}); nothing written")
 
-    opset_used = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     meta = {
         "schema": SCHEMA,
         "format": "onnx",
+        "graph_format": GRAPH_FORMAT,
+        "baked_plan": json.dumps(baked.plan, sort_keys=True),
         "model": getattr(model, "model_name", type(model).__name__),
         "model_kwargs": json.dumps(getattr(model, "model_kwargs", {}), sort_keys=True),
         "num_classes": str(int(baked.num_classes)),
@@ -373,8 +326,8 @@ def export_onnx(
         "std": json.dumps(list(baked.std)),
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
-        "exporter": exporter,
-        "opset": str(opset_used),
+        "exporter": "lipcert",
+        "opset": str(opset),
         "max_abs_logit_diff": repr(diff),
         "tolerance": repr(tolerance),
         "lipcert_version": __version__,
@@ -386,20 +339,21 @@ def export_onnx(
     info.setdefault("class_names", [str(i) for i in range(baked.num_classes)])
     for k, v in info.items():
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-    del proto.metadata_props[:]
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    proto.producer_name, proto.producer_version = "lipcert", __version__
     data = proto.SerializeToString()
+    # The bytes written are ones the loader accepts: same parse, same verification.
+    again = verify_onnx_graph(onnx.load_model_from_string(data), path)
+    bound = float(again.lipschitz_bound())
     atomic_write_bytes(path, data)
     return ExportReport(
-        path=path, format="onnx", exporter=exporter, opset=opset_used, max_abs_logit_diff=diff,
-        baked_max_abs_logit_diff=baked_diff, tolerance=tolerance,
-        lipschitz_bound=float(meta["lipschitz_bound"]),
+        path=path, format="onnx", exporter="lipcert", opset=opset, max_abs_logit_diff=diff,
+        baked_max_abs_logit_diff=baked_diff, tolerance=tolerance, lipschitz_bound=bound,
         original_lipschitz_bound=float(model.lipschitz_bound()),
         certificate=meta["certificate"], check_batch=batch_size,
-        seconds=time.perf_counter() - start, size_bytes=len(data), extra={"notes": notes},
+        seconds=time.perf_counter() - start, size_bytes=len(data),
+        extra={"notes": [], "graph_format": GRAPH_FORMAT},
     )
 
 
@@ -415,9 +369,90 @@ def export_model(model: nn.Module, path: str | Path, format: str = "onnx", **kwa
 
 # ---- loading an exported ONNX model -----------------------------------------------------------
 
+#: ``bound_source`` of an ONNX model whose graph lipcert verified and whose bound it computed.
+BOUND_VERIFIED = "computed from the weights (ONNX graph verified as lipcert's)"
+#: ``bound_source`` of an ONNX model certified with the bound its metadata stores (opt-in).
+BOUND_TRUSTED = "trusted from the file (stored at export, not verified)"
+#: How :func:`load_onnx_model` obtains a bound: verify the graph, fall back to the stored bound, or none.
+BOUND_MODES = ("verify", "trust", "none")
+#: Largest |logit| difference, relative to max(1, |logit|), between onnxruntime and the rebuilt
+#: PyTorch model on load (the same ops in float32: ~1e-6 is typical).
+LOAD_TOLERANCE = 1e-4
+
+
+def verify_onnx_graph(proto, path: str | Path = "<onnx>") -> BakedLipNet:
+    """The baked model an ONNX ``proto`` is the lipcert graph of, or :class:`CheckpointError`.
+
+    The layer plan comes from the metadata and every baked tensor from the graph's initializer of
+    the same name; the rebuilt model's graph (:func:`certify.onnx_graph.build_model`, for the
+    file's opset) must then equal the file's in every node, attribute, initializer value, input,
+    output and opset (:func:`certify.onnx_graph.model_difference`). So the graph computes what
+    the rebuilt model computes, and a bound computed from the rebuilt model is a bound of the
+    graph, whatever the metadata says. The error names the first thing that differs.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    from .baked import model_from_metadata
+    from .checkpoint import load_state_strict
+    from .onnx_graph import GRAPH_FORMAT, OPSETS, build_model, model_difference
+
+    path = Path(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    _validate_meta(meta, path)
+    if meta.get("graph_format") != GRAPH_FORMAT:
+        found = meta.get("graph_format")
+        raise CheckpointError(
+            f"{path}: {'no graph format recorded' if found is None else f'graph format {found!r}'}, "
+            f"this lipcert verifies {GRAPH_FORMAT!r} (an export of an older lipcert, or another tool's graph; "
+            "re-export the checkpoint with `lipcert export`)")
+    opsets = [int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if len(opsets) != 1 or opsets[0] not in OPSETS:
+        raise CheckpointError(f"{path}: ONNX opset {opsets or 'none'}; lipcert writes one of {OPSETS[0]}-{OPSETS[-1]}")
+    baked = model_from_metadata(meta, path)
+    if baked.head_kind == "mlp":
+        raise CheckpointError(f"{path}: its layer plan has an MLP head, which lipcert never exports to ONNX")
+    initializers = {t.name: t for t in proto.graph.initializer}
+    state = {}
+    for key in baked.state_dict():
+        t = initializers.get(key)
+        if t is None:
+            raise CheckpointError(f"{path}: the graph has no initializer {key!r} (a tensor of its layer plan)")
+        if t.data_type != TensorProto.FLOAT or t.data_location == TensorProto.EXTERNAL:
+            raise CheckpointError(f"{path}: initializer {key!r} is not a float32 tensor stored in the file")
+        state[key] = torch.from_numpy(numpy_helper.to_array(t).copy())
+    load_state_strict(baked, state, path)
+    baked.eval()
+    try:
+        expected = build_model(baked, opsets[0])
+    except LipcertError as e:
+        raise CheckpointError(f"{path}: its layer plan has no lipcert graph ({e})") from None
+    difference = model_difference(expected, proto)
+    if difference is not None:
+        raise CheckpointError(f"{path}: not the graph lipcert writes for its layer plan: {difference}")
+    return baked
+
+
+def _cross_check(session, baked: BakedLipNet, path: Path) -> None:
+    """A second line of defence behind the graph comparison: onnxruntime and the rebuilt PyTorch
+    model agree on a few random images."""
+    from .numerics import ieee_float32
+
+    x = torch.rand((4, *baked.input_shape), generator=torch.Generator().manual_seed(0))
+    try:
+        with ieee_float32():
+            want = _logits(baked, x)
+        got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+    except Exception as e:
+        raise CheckpointError(f"{path}: the graph or the model rebuilt from it cannot run ({_first_line(e)})") from None
+    diff = _max_diff(want, got)
+    limit = LOAD_TOLERANCE * max(1.0, float(want.abs().max()))
+    if not diff <= limit:
+        raise CheckpointError(f"{path}: onnxruntime's logits differ from the model rebuilt from the graph by "
+                              f"{diff:.3g} (more than {limit:.3g}); refusing to certify it")
+
 
 class _StoredLLNHead:
-    """The LLN head of an ONNX model: only what the pairwise certificate needs, as stored."""
+    """The LLN head as a file's metadata describes it (``bound="trust"`` only)."""
 
     kind = "lln"
 
@@ -433,52 +468,112 @@ class _StoredLLNHead:
         return self._bound
 
 
-class OnnxModel:
-    """An exported ONNX model run by onnxruntime, usable like a lipcert model by
-    :class:`~certify.certificates.Certifier`: callable on a float image batch (any torch device;
-    logits come back on the same device), with the certification attributes read from the
-    metadata. Its bounds are the ones stored at export (``bound_source``), not recomputed.
-    """
+class _StoredBounds:
+    """The bounds a file's metadata claims, taken on trust (``bound="trust"`` only)."""
 
-    bound_source = "stored at export"
-    training = False
-
-    def __init__(self, session, meta: dict[str, str], path: Path) -> None:
-        self.session, self.path = session, path
-        self.metadata = dict(meta)
+    def __init__(self, meta: dict[str, str], path: Path) -> None:
+        if "schema" not in meta:
+            raise CheckpointError(f"{path}: an ONNX model without lipcert metadata stores no Lipschitz bound to "
+                                  "trust; pass one you vouch for (--lipschitz L)")
+        _validate_meta(meta, path)
+        if "lipschitz_bound" not in meta:
+            raise CheckpointError(f"{path}: the file stores no Lipschitz bound to trust; pass a bound you vouch "
+                                  "for (--lipschitz L)")
         try:
-            self.model_name = meta.get("model", "?")
-            self.model_kwargs = json.loads(meta.get("model_kwargs", "{}"))
+            self.head_kind = meta.get("head_kind", "ortho")
             self.num_classes = int(meta["num_classes"])
             self.input_shape = tuple(int(s) for s in json.loads(meta["input_shape"]))
             self.mean = tuple(float(v) for v in json.loads(meta["mean"]))
             self.std = tuple(float(v) for v in json.loads(meta["std"]))
-            self.head_kind = meta.get("head_kind", "ortho")
-            self.certificate = meta.get("certificate", "global")
-            names = json.loads(meta["class_names"]) if "class_names" in meta else None
-            self.class_names = [str(n) for n in names] if isinstance(names, list) else [
-                str(i) for i in range(self.num_classes)]
-            self._bound = float(meta["lipschitz_bound"]) if "lipschitz_bound" in meta else None
-            self._layer_bounds = [
+            self.bound = float(meta["lipschitz_bound"])
+            self.layers = [
                 LayerBound(b["name"], b["kind"], None if b["input_size"] is None else tuple(b["input_size"]),
                            float(b["bound"])) for b in json.loads(meta.get("layer_bounds", "[]"))]
             self.head = None
             if self.head_kind == "lln":
-                self._feature_bound = float(meta["feature_lipschitz_bound"])
+                self.feature_bound = float(meta["feature_lipschitz_bound"])
                 dist = torch.tensor(json.loads(meta["pairwise_row_distances"]), dtype=torch.float64)
                 if dist.shape != (self.num_classes, self.num_classes):
                     raise ValueError(f"pairwise_row_distances has shape {tuple(dist.shape)}")
-                head_bound = next((b.bound for b in self._layer_bounds if b.name == "head"), None)
+                head_bound = next((b.bound for b in self.layers if b.name == "head"), None)
                 self.head = _StoredLLNHead(dist, head_bound)
+            for value in (self.bound, getattr(self, "feature_bound", 1.0)):
+                if not (math.isfinite(value) and value > 0):
+                    raise ValueError(f"a stored bound of {value!r} is not a positive finite number")
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: incomplete or malformed lipcert metadata in the ONNX model "
                                   f"({type(e).__name__}: {e})") from None
-        self.input_name = meta.get("input_name", session.get_inputs()[0].name)
-        self.output_name = meta.get("output_name", session.get_outputs()[0].name)
-        self.checkpoint_metadata = {k: _maybe_json(v) for k, v in meta.items()}
+
+    def lipschitz_bound(self) -> float:
+        return self.bound
+
+    def feature_lipschitz_bound(self) -> float:
+        if self.head_kind != "lln":
+            raise ExportError("a feature bound is stored for LLN heads only")
+        return self.feature_bound
+
+    def layer_bounds(self) -> list[LayerBound]:
+        return list(self.layers)
+
+
+class OnnxModel:
+    """An ONNX model run by onnxruntime, usable like a lipcert model by
+    :class:`~certify.certificates.Certifier`: callable on a float image batch (any torch device;
+    logits come back on the same device).
+
+    Its bounds come from ``bounds``: the baked model rebuilt from a verified lipcert graph
+    (:func:`verify_onnx_graph`), the bounds a file's metadata stores (taken on trust), or none
+    (the caller supplies a bound); ``bound_source`` says which.
+    """
+
+    training = False
+
+    def __init__(self, session, path: Path, meta: dict[str, str], bounds=None, bound_source: str | None = None) -> None:
+        self.session, self.path = session, Path(path)
+        self.metadata = dict(meta)
+        self._bounds = bounds
+        self.bound_source = bound_source or "none (a bound must be supplied)"
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1 or not outputs:
+            raise CheckpointError(f"{path}: an ONNX model with {len(inputs)} inputs and {len(outputs)} outputs; "
+                                  "lipcert certifies models with one image input and a logits output")
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        in_shape, out_shape = list(inputs[0].shape), list(outputs[0].shape)
+        self._fixed_batch = in_shape[0] if in_shape and isinstance(in_shape[0], int) and in_shape[0] > 0 else None
+        lipcert = "schema" in meta
+        try:
+            if len(in_shape) == 4 and all(isinstance(s, int) for s in in_shape[1:]):
+                self.input_shape = tuple(in_shape[1:])
+            elif lipcert:
+                self.input_shape = tuple(int(s) for s in json.loads(meta["input_shape"]))
+            else:
+                raise CheckpointError(f"{path}: its input has shape {in_shape}; lipcert needs (N, C, H, W) images "
+                                      "of a fixed size")
+            if len(out_shape) == 2 and isinstance(out_shape[1], int):
+                self.num_classes = out_shape[1]
+            else:
+                self.num_classes = int(meta["num_classes"]) if lipcert else None
+            self.model_name = meta.get("model", self.path.name)
+            self.model_kwargs = json.loads(meta.get("model_kwargs", "{}"))
+            names = json.loads(meta["class_names"]) if "class_names" in meta else None
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: incomplete or malformed lipcert metadata in the ONNX model "
+                                  f"({type(e).__name__}: {e})") from None
+        count = self.num_classes or 0
+        self.class_names = [str(n) for n in names] if isinstance(names, list) else [str(i) for i in range(count)]
+        self.head_kind = getattr(bounds, "head_kind", None)
+        self.head = getattr(bounds, "head", None)
+        self.certificate = _certificate(self.head_kind) if bounds is not None else "global"
+        self.mean = getattr(bounds, "mean", None)
+        self.std = getattr(bounds, "std", None)
+        if bounds is not None and (tuple(bounds.input_shape) != self.input_shape
+                                   or int(bounds.num_classes) != self.num_classes):
+            raise CheckpointError(f"{path}: the graph's input {self.input_shape} and {self.num_classes} outputs do not "
+                                  f"match its lipcert metadata ({tuple(bounds.input_shape)}, {bounds.num_classes})")
+        self.checkpoint_metadata = {k: _maybe_json(v) for k, v in meta.items()} if lipcert else {}
 
     def __repr__(self) -> str:
-        return f"OnnxModel({str(self.path)!r}, model={self.model_name!r}, head={self.head_kind!r})"
+        return f"OnnxModel({str(self.path)!r}, model={self.model_name!r}, bound_source={self.bound_source!r})"
 
     # nn.Module-like no-ops, so code written for models works unchanged
     def eval(self) -> OnnxModel:
@@ -505,29 +600,53 @@ class OnnxModel:
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ConfigError(f"expected images of shape (N, {', '.join(map(str, self.input_shape))}), got {shape}")
-        if x.shape[0] == 0:
-            return torch.zeros(0, self.num_classes, device=x.device)
+        n = x.shape[0]
+        if n == 0:
+            return torch.zeros(0, self.num_classes or 0, device=x.device, dtype=x.dtype)
+        if x.dtype == torch.float64 and self.evaluates_float64:
+            # the verified graph's function in float64 arithmetic: the rebuilt model runs the
+            # same ops on the same float32 weights (for a float64 re-check of float32 margins)
+            with torch.no_grad():
+                return self._bounds(x.to("cpu")).to(x.device)
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = self.session.run([self.output_name], {self.input_name: arr})[0]
+        step = self._fixed_batch or n
+        outs = []
+        for i in range(0, n, step):  # a graph with a fixed batch size runs in chunks of it, the last padded
+            chunk = arr[i:i + step]
+            if chunk.shape[0] < step:
+                pad = np.zeros((step - chunk.shape[0], *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0])
+        out = np.concatenate(outs)[:n]
         return torch.from_numpy(out).to(x.device)
 
     forward = __call__
 
+    @property
+    def evaluates_float64(self) -> bool:
+        """Whether a float64 batch is evaluated in float64 (only a verified graph, through the
+        model rebuilt from it; onnxruntime runs the graph in float32)."""
+        return isinstance(self._bounds, BakedLipNet)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise ExportError("an exported ONNX model gives logits only, not features")
 
+    def _need_bounds(self):
+        if self._bounds is None:
+            raise NotLipschitzError(f"{self.path}: no Lipschitz bound for this ONNX model; pass one you vouch for "
+                                    "(--lipschitz L)")
+        return self._bounds
+
     def lipschitz_bound(self) -> float:
-        if self._bound is None:
-            raise ExportError(f"{self.path}: no Lipschitz bound stored in the ONNX metadata")
-        return self._bound
+        return float(self._need_bounds().lipschitz_bound())
 
     def feature_lipschitz_bound(self) -> float:
         if self.head_kind != "lln":
-            raise ExportError(f"{self.path}: a feature bound is stored for LLN heads only")
-        return self._feature_bound
+            raise ExportError(f"{self.path}: a feature bound exists for LLN heads only")
+        return float(self._need_bounds().feature_lipschitz_bound())
 
     def layer_bounds(self) -> list[LayerBound]:
-        return list(self._layer_bounds)
+        return list(self._need_bounds().layer_bounds())
 
 
 def _maybe_json(value: str):
@@ -560,27 +679,60 @@ def _check_input_file(path: Path) -> None:
 
 def _validate_meta(meta: dict[str, str], path: Path) -> None:
     if "schema" not in meta:
-        raise CheckpointError(f"{path}: an ONNX model without lipcert metadata; lipcert certifies only "
-                              "ONNX models written by `lipcert export` (which store the Lipschitz bound)")
+        raise CheckpointError(f"{path}: an ONNX model without lipcert metadata (not written by `lipcert export`)")
     if meta["schema"] != SCHEMA:
         raise CheckpointError(f"{path}: unknown schema version {meta['schema']!r}; this lipcert reads {SCHEMA!r}")
 
 
-def load_onnx_model(path: str | Path, device: str | torch.device = "cpu") -> OnnxModel:
-    """Open an ONNX model written by :func:`export_onnx` for certification through onnxruntime.
+def load_onnx_model(path: str | Path, device: str | torch.device = "cpu", bound: str = "verify") -> OnnxModel:
+    """Open an ONNX model for certification through onnxruntime.
 
-    Only ``onnxruntime`` is needed. ``device`` picks onnxruntime's CUDA provider when it is
-    installed (``onnxruntime-gpu``), else the CPU; inputs may live on any torch device.
+    ``bound`` says where its Lipschitz bound comes from:
+
+    - ``"verify"`` (default): the file must be a graph :func:`export_onnx` wrote; the baked model
+      is rebuilt from its layer plan and initializers, the graph is checked to be exactly the one
+      lipcert writes for it (:func:`verify_onnx_graph`), onnxruntime's logits are checked
+      against the rebuilt model's, and the bounds are computed from the rebuilt model. Anything
+      else raises :class:`CheckpointError` naming what differs. Bounds stored in the metadata are
+      ignored.
+    - ``"trust"``: as ``"verify"``, but a file that fails verification is certified with the
+      bounds its lipcert metadata stores, reported as :data:`BOUND_TRUSTED`.
+    - ``"none"``: no bound is taken from the file, for a caller that supplies one
+      (``Certifier(model, lipschitz=L)``); any ONNX model with one (N, C, H, W) image input and a
+      logits output loads.
+
+    Needs ``onnx`` and ``onnxruntime``. ``device`` picks onnxruntime's CUDA provider when it is
+    installed (``onnxruntime-gpu``), else the CPU; inputs may live on any torch device. The
+    session runs the very bytes that were verified (the file is read once).
     """
+    if bound not in BOUND_MODES:
+        raise ConfigError(f"unknown ONNX bound mode {bound!r}; choose from {BOUND_MODES}")
     ort = require("onnxruntime", "running an exported ONNX model")
+    onnx = require("onnx", "checking an exported ONNX model")
     path = Path(path)
     _check_input_file(path)
+    data = path.read_bytes()
     try:
-        session = _ort_session(ort, str(path), device)
+        proto = onnx.load_model_from_string(data)
+        session = _ort_session(ort, data, device)
     except LipcertError:
         raise
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
-    meta = dict(session.get_modelmeta().custom_metadata_map)
-    _validate_meta(meta, path)
-    return OnnxModel(session, meta, path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if bound == "none":
+        if "schema" in meta:
+            _validate_meta(meta, path)
+        return OnnxModel(session, path, meta)
+    try:
+        baked = verify_onnx_graph(proto, path)
+        _cross_check(session, baked, path)
+    except CheckpointError as e:
+        if bound == "verify":
+            stored = "lipschitz_bound" in meta
+            trust = "--trust-onnx-bound to certify with the bound the file stores, or " if stored else ""
+            raise CheckpointError(f"{e}. lipcert computes an ONNX model's bound only from a graph it verifies as its "
+                                  f"own; pass {trust}--lipschitz L for a bound you vouch for (the report then says "
+                                  "so)") from None
+        return OnnxModel(session, path, meta, _StoredBounds(meta, path), BOUND_TRUSTED)
+    return OnnxModel(session, path, meta, baked, BOUND_VERIFIED)

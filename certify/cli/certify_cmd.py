@@ -72,6 +72,10 @@ def _gate_option(ctx, param, values):
 @click.option("--lipschitz", type=float, default=None, metavar="VALUE",
               help="A Lipschitz upper bound you vouch for, for a model that is not 1-Lipschitz by "
                    "construction (global certificate; the report marks it user-supplied).")
+@click.option("--trust-onnx-bound", is_flag=True,
+              help="For an .onnx file whose graph lipcert cannot verify as one it wrote (another tool's, "
+                   "an older lipcert's, or edited): certify with the bound stored in its metadata, "
+                   "which the report marks as trusted from the file. Without it such a file is refused.")
 @click.option("--lower-bound", is_flag=True,
               help="Also compute an empirical lower bound on L (Jacobian power iteration) to show "
                    "how tight the upper bound is.")
@@ -101,11 +105,13 @@ def _gate_option(ctx, param, values):
               help="Seed of the train/val split and the lower bound (default: the checkpoint's data seed, else 0).")
 @handle_errors
 def certify(model_file, dataset, data_dir, download, split, val_split, limit, eps, certificate,
-            lipschitz, lower_bound, lower_bound_samples, batch_size, eval_path, dense_max, device, output, fail_under, seed,
-            **kw):
+            lipschitz, trust_onnx_bound, lower_bound, lower_bound_samples, batch_size, eval_path, dense_max, device,
+            output, fail_under, seed, **kw):
     """Certify MODEL_FILE (.safetensors checkpoint or exported .onnx): the certified l2 radius of
     every image, clean and certified accuracy at each eps, with the model's Lipschitz upper bound
-    recomputed from its weights (never read from the file).
+    recomputed from its weights: for an .onnx file, from the graph's own weights once the graph
+    is verified as the one lipcert writes. A bound stored in a file is used only with
+    --trust-onnx-bound.
 
     A sample is certified at eps when it is correctly classified and its radius is strictly
     greater than eps (ties in the logits give radius 0).
@@ -119,7 +125,8 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
     fmt, gates = kw["format"], fail_under
     machine = fmt != "table"
     dev = resolve_device(device)
-    model = load_any(model_file, device=dev)
+    onnx_bound = "none" if lipschitz is not None else "trust" if trust_onnx_bound else "verify"
+    model = load_any(model_file, device=dev, onnx_bound=onnx_bound)
 
     ds = checkpoint_dataset(model, model_file, split=split, dataset=dataset, data_dir=data_dir, download=download,
                             val_split=val_split, seed=seed, limit=limit)
@@ -144,10 +151,9 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
                           "only as sound as that value", highlight=False, soft_wrap=True)
 
     source = getattr(model, "bound_source", None)
-    if lipschitz is None and source and source != "computed from the weights":
-        err_console.print(f"note: this model's Lipschitz bound is {source} (read from the file, not recomputed "
-                          "from weights); certify the .safetensors checkpoint for a bound computed from its "
-                          "weights", highlight=False, soft_wrap=True)
+    if lipschitz is None and source and not source.startswith("computed from the weights"):
+        err_console.print(f"note: this model's Lipschitz bound is {source}: not recomputed from its weights, "
+                          "the certificates are only as sound as that file", highlight=False, soft_wrap=True)
     if lower_bound and not isinstance(model, torch.nn.Module):
         err_console.print("note: --lower-bound needs gradients through the model; not available for an "
                           "ONNX model, skipped", highlight=False, soft_wrap=True)
