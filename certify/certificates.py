@@ -309,9 +309,9 @@ class Certifier:
 
     def _float64_capable(self) -> bool:
         # a torch model evaluates its float32 weights on float64 inputs (the same function in
-        # float64 arithmetic); an onnxruntime session cannot
+        # float64 arithmetic); a verified ONNX model does so through its rebuilt torch model
 
-        return isinstance(self.model, nn.Module)
+        return isinstance(self.model, nn.Module) or bool(getattr(self.model, "evaluates_float64", False))
 
     @staticmethod
     def _nearest_threshold(radius: torch.Tensor, thresholds) -> torch.Tensor:
