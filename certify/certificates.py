@@ -455,6 +455,7 @@ def certify_dataset(
     progress=None,
     lower_bound: bool = False,
     lower_bound_samples: int = 8,
+    precision: str = "confirm",
     seed: int = 0,
     certifier: Certifier | None = None,
 ) -> CertificationResult:
@@ -476,6 +477,7 @@ def certify_dataset(
         progress: called as ``progress(done, total)`` after every batch.
         lower_bound: also compute an empirical lower bound on L (Jacobian power iteration on the
             first ``lower_bound_samples`` images) to show how tight the upper bound is.
+        precision: how the float32 rounding of the forward pass is covered (see :class:`Certifier`).
         certifier: a :class:`Certifier` already built for ``model`` (its bounds are then reused,
             e.g. to certify several datasets with one bound computation); ``method`` and
             ``lipschitz`` are ignored.
@@ -518,7 +520,7 @@ def certify_dataset(
             raise ConfigError("the certifier was built for another model")
         cert = certifier
     else:
-        cert = Certifier(model, method=method, lipschitz=lipschitz)
+        cert = Certifier(model, method=method, lipschitz=lipschitz, precision=precision)
     bound_seconds = time.perf_counter() - t0
     rechecked_before = cert.rechecked
     expected_shape = getattr(model, "input_shape", None)

@@ -305,3 +305,21 @@ def test_the_report_says_what_the_certificate_covers(tiny_model):
     assert summary["float64_rechecked"] >= 0
     with pytest.raises(ConfigError):
         Certifier(model, precision="float16")
+
+
+def test_cli_certify_records_the_precision(tmp_path, tiny_model):
+    import json
+
+    from click.testing import CliRunner
+
+    from certify.checkpoint import save
+    from certify.cli import cli
+
+    path = save(tmp_path / "m.safetensors", tiny_model(num_classes=10).eval(), dataset="synthetic")
+    out = CliRunner().invoke(cli, ["certify", str(path), "--dataset", "synthetic", "--limit", "8",
+                                    "--precision", "float64", "--format", "json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout)
+    assert summary["certificate"]["precision"] == "float64"
+    assert summary["certificate"]["float64_throughout"] is True
+    assert summary["certificate"]["float64_rechecked"] == 8

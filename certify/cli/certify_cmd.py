@@ -92,6 +92,12 @@ def _gate_option(ctx, param, values):
 @click.option("--dense-max", type=click.IntRange(min=0), default=8192, show_default=True,
               help="With --eval fast: the largest SOC operator (channels x height x width) to materialise "
                    "as one dense matrix (a float64 build holding a few n x n matrices); 0 never does.")
+@click.option("--precision", type=click.Choice(["confirm", "float64", "float32"]), default="confirm",
+              show_default=True,
+              help="How the float32 rounding of the forward pass is covered. confirm: the first batch is "
+                   "measured in float64 too, then radii within 0.1% of an eps (and near 0) are re-checked "
+                   "in float64; float64: every image in float64 (slower); float32: no re-check (rounding "
+                   "not covered).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--format", "format", type=click.Choice(FORMATS), default="table", show_default=True,
               help="stdout format: a rich table, the summary as JSON, one CSV row per eps, or "
@@ -105,7 +111,7 @@ def _gate_option(ctx, param, values):
               help="Seed of the train/val split and the lower bound (default: the checkpoint's data seed, else 0).")
 @handle_errors
 def certify(model_file, dataset, data_dir, download, split, val_split, limit, eps, certificate,
-            lipschitz, trust_onnx_bound, lower_bound, lower_bound_samples, batch_size, eval_path, dense_max, device,
+            lipschitz, trust_onnx_bound, lower_bound, lower_bound_samples, batch_size, eval_path, dense_max, precision, device,
             output, fail_under, seed, **kw):
     """Certify MODEL_FILE (.safetensors checkpoint or exported .onnx): the certified l2 radius of
     every image, clean and certified accuracy at each eps, with the model's Lipschitz upper bound
@@ -163,7 +169,8 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
     eps_values += [g.eps for g in gates if all(parse_eps(e) != g.eps_value for e in eps_values)]
 
     kwargs = dict(eps=eps_values, method=certificate, lipschitz=lipschitz, batch_size=batch_size,
-                  device=dev, lower_bound=lower_bound, lower_bound_samples=lower_bound_samples, seed=seed)
+                  device=dev, lower_bound=lower_bound, lower_bound_samples=lower_bound_samples, seed=seed,
+                  precision=precision)
     if show_progress(machine):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn)
 
@@ -185,7 +192,7 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
         "dataset": ds.name, "split": split, "data_dir": ds.spec.data_dir,
         "val_split": getattr(ds, "val_split", val_split), "seed": seed, "limit": limit,
         "eps": [eps_label(e) for e in eps_values], "certificate": certificate, "lipschitz": lipschitz,
-        "lower_bound": lower_bound, "batch_size": batch_size, "eval": eval_path, "dense_max": dense_max,
+        "lower_bound": lower_bound, "batch_size": batch_size, "eval": eval_path, "dense_max": dense_max, "precision": precision,
         "device": str(dev),
         "fail_under": [str(g) for g in gates],
     }
