@@ -112,22 +112,15 @@ def resolve_device(spec: str) -> torch.device:
 
 # ---- TF32 switches -------------------------------------------------------------------------------
 
-def _leaf(path: str):
-    obj = torch.backends
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj if hasattr(obj, "fp32_precision") else None
-
-
 @contextlib.contextmanager
 def tf32_on(paths: tuple[str, ...]):
     """What a user does to speed up training: TF32 for ``paths`` (and matrix products at precision
     "high" when ``cuda.matmul`` is among them); restores every switch afterwards (setting the
     matmul precision also rewrites the per-backend matmul switches, so all of them are saved)."""
     saved_precision = torch.get_float32_matmul_precision()
-    leaves = {p: _leaf(p) for p in ALL_SWITCHES}
+    from certify.numerics import precision_switch
+
+    leaves = {p: precision_switch(p) for p in ALL_SWITCHES}
     leaves = {p: leaf for p, leaf in leaves.items() if leaf is not None}
     new_api = all(p in leaves for p in paths)
     saved = ({p: leaf.fp32_precision for p, leaf in leaves.items()} if new_api

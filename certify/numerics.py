@@ -26,7 +26,8 @@ F = TypeVar("F", bound=Callable)
 _LEAVES = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
 
 
-def _leaf(path: str):
+def precision_switch(path: str):
+    """The per-backend float32 precision switch at ``torch.backends.<path>`` (torch >= 2.9), or None."""
     obj = torch.backends
     for part in path.split("."):
         obj = getattr(obj, part, None)
@@ -36,7 +37,7 @@ def _leaf(path: str):
 
 
 def _new_api_leaves() -> dict[str, object]:
-    leaves = {p: _leaf(p) for p in _LEAVES}
+    leaves = {p: precision_switch(p) for p in _LEAVES}
     return {p: leaf for p, leaf in leaves.items() if leaf is not None}
 
 
