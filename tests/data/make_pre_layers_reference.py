@@ -85,6 +85,21 @@ def main() -> None:
                 tensors[f"{entry}/margin"] = margin
                 bounds["method"] = cert.method
                 ref["models"][entry] = {"file": fpath.name, **bounds}
+    from certify.checkpoint import load_any
+    from certify.export import export_onnx
+
+    for key in ("ortho", "lln"):  # ONNX exports: the verified graph's own bound
+        out = OUT / f"{key}.onnx"
+        export_onnx(load(OUT / f"{key}.safetensors"), out)
+        model = load_any(out)
+        entry = f"{key}_onnx/onnx"
+        tensors[f"{entry}/logits"] = model(x)
+        cert = Certifier(model)
+        _, pred, margin, radius = cert(x, thresholds=[36 / 255])
+        tensors[f"{entry}/pred"], tensors[f"{entry}/margin"], tensors[f"{entry}/radius"] = pred, margin, radius
+        ref["models"][entry] = {"file": out.name, "lipschitz_bound": repr(model.lipschitz_bound()),
+                                "method": cert.method,
+                                "layer_bounds": [[b.name, b.kind, repr(b.bound)] for b in model.layer_bounds()]}
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(OUT / "reference.safetensors"))
