@@ -22,7 +22,8 @@ Every returned point satisfies ``||x_adv - x||_2 <= eps`` (checked in float64) a
 the logits (a tie counts, as a tie also gives a certified radius of 0). All functions are batched,
 take a scalar eps or one eps per sample, draw random numbers from a seeded CPU
 :class:`torch.Generator` (the same seed gives the same result on any device), stop attacking a
-sample as soon as it is broken, and run on whatever device the model and inputs are on.
+sample as soon as it is broken, and run on whatever device the model and inputs are on, with IEEE
+float32 arithmetic (no TF32: :func:`certify.numerics.ieee_float32`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .numerics import ieee_float32_call
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "pgd")
 LOSSES = ("ce", "dlr", "margin")
@@ -325,6 +327,7 @@ def _check_common(model, x, y, eps, steps, restarts):
 # ---- PGD ----------------------------------------------------------------------------------------
 
 
+@ieee_float32_call
 def pgd_l2(
     model: nn.Module,
     x: torch.Tensor,
@@ -394,6 +397,7 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return [w for w in ws if 0 < w < steps]
 
 
+@ieee_float32_call
 def apgd_l2(
     model: nn.Module,
     x: torch.Tensor,
@@ -504,6 +508,7 @@ def _apgd_run(model, x, y, eps, idx, tr, loss_fn, steps, checkpoints, rho, alpha
 # ---- ensembles and minimum norm -----------------------------------------------------------------
 
 
+@ieee_float32_call
 def run_attack(
     model: nn.Module,
     x: torch.Tensor,
@@ -532,6 +537,7 @@ def parse_attacks(spec: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+@ieee_float32_call
 def attack_ensemble(
     model: nn.Module,
     x: torch.Tensor,
@@ -597,6 +603,7 @@ def _line_search(model, x, y, x_adv, iters: int):
     return best
 
 
+@ieee_float32_call
 def min_norm_search(
     model: nn.Module,
     x: torch.Tensor,
@@ -604,6 +611,7 @@ def min_norm_search(
     *,
     attacks: str | Sequence[str] = ("apgd-ce", "apgd-dlr"),
     init_eps: float | torch.Tensor = 0.5,
+    lower: float | torch.Tensor | None = None,
     search_steps: int = 8,
     line_search_steps: int = 10,
     steps: int = 50,
@@ -617,6 +625,9 @@ def min_norm_search(
        until eps reaches the farthest point of the box from x, ||max(x, 1 - x)||_2 (nothing lies
        beyond it; samples still unbroken there get radius inf).
     2. Bisect ``search_steps`` times between the largest eps that failed and the shortest witness.
+       ``lower`` (optional, one value per sample or a number, 0 = none): an eps at which the
+       caller's attack already failed, the bisection's starting low end (the audit passes its
+       own radius, so that no bisection step re-attacks inside it).
     3. Line search along each witness (:func:`_line_search`).
 
     The radius reported is the length of the best witness found, so it is a genuine upper bound on
@@ -635,6 +646,11 @@ def min_norm_search(
         witness = x.clone()
         lip = torch.zeros(n, dtype=torch.float64)
         lo = torch.zeros(n, dtype=torch.float64)
+        if lower is not None:
+            lo = torch.as_tensor(lower, dtype=torch.float64).detach().cpu()
+            lo = lo.expand(n).clone() if lo.ndim == 0 else lo.clone()
+            if lo.shape != (n,) or not torch.isfinite(lo).all() or (lo < 0).any():
+                raise ConfigError(f"lower must be one finite value >= 0 per sample ({n}) or a number")
 
         def attempt(sel: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
             """Attack samples ``sel`` at radii ``e``; keep shorter witnesses; return success."""
@@ -653,7 +669,7 @@ def min_norm_search(
         while todo.numel():
             ok = attempt(todo, e[todo])
             at_cap = e[todo] >= cap[todo]
-            lo[todo[~ok]] = e[todo[~ok]]
+            lo[todo[~ok]] = torch.maximum(lo[todo[~ok]], e[todo[~ok]])
             todo = todo[~ok & ~at_cap]
             e[todo] = torch.minimum(2 * e[todo], cap[todo])
         # 2. bisection

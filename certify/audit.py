@@ -6,15 +6,17 @@ stops being the strict arg-max. Any success is a **violation**: a proof (a concr
 the certificate is wrong. The 1e-4 shrink keeps float32 rounding at the sphere's surface from
 being mistaken for a violation.
 
-Every success found in float32 is re-checked in float64 (a float64 copy of the model evaluated at
-the same clean and adversarial points): it is a violation only when the label also loses in
-float64. Successes that vanish in float64 are float32 rounding at points whose margin is within
+Every success found in float32 is re-checked in float64 (the certified function in float64
+arithmetic, as :class:`certify.certificates.Certifier` re-checks radii: a copy of the model, the
+same float32 weights and evaluation plans, applied to float64 inputs): it is a violation only when
+the label also loses in float64. Successes that vanish in float64 are float32 rounding at points whose margin is within
 rounding of 0; they are counted separately (``float32_only``) and shown, but do not fail the audit.
 
-Tightness: a minimum-norm search (:func:`certify.attacks.min_norm_search`) gives each certified
-sample an empirical radius, the length of a concrete adversarial example; empirical / certified
->= 1 for every sound certificate, and its distribution says how much robustness the certificate
-leaves unproven.
+Tightness (optional, ``tightness=True``; about ``search_steps + 2`` times the audit's cost): a
+minimum-norm search (:func:`certify.attacks.min_norm_search`) gives each certified sample an
+empirical radius, the length of a concrete adversarial example; empirical / certified >= 1 for
+every sound certificate, and its distribution says how much robustness the certificate leaves
+unproven. A witness shorter than the audit radius is a violation, confirmed like the others.
 
 Lipschitz constant: every pair (x, x') an attack visits gives ||f(x') - f(x)||_2 / ||x' - x||_2,
 which can never exceed the l2 Lipschitz constant of x -> logits (that is its definition, a supremum
@@ -23,6 +25,13 @@ upper bound. Pairs closer than :data:`certify.attacks.LIPSCHITZ_MIN_DISTANCE` ar
 float32 rounding of the logits would be divided by a tiny distance. (The margin f_y - f_j changes
 by at most sqrt(2) times as much, so a margin-drop ratio divided by sqrt(2) is also a lower bound,
 but never larger than this one, by Cauchy-Schwarz.)
+
+Cost: one attack ensemble per certified sample (attacks x steps x restarts forward and backward
+passes, fewer for a sample broken early), the certified samples attacked together, in the fewest
+batches of at most ``batch_size``, each with its own eps. The audit attacks the model as it is given, which must be
+the function that was certified; the SOC layers' fast evaluation path
+(:func:`certify.soc.set_eval_mode`, certified with its own bound) makes every step cheaper.
+Everything runs with IEEE float32 arithmetic (:func:`certify.numerics.ieee_float32`).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from torch import nn
 from .attacks import (AttackResult, attack_ensemble, attack_mode, margins, min_norm_search,
                       parse_attacks)
 from .errors import ConfigError
+from .numerics import ieee_float32_call
 
 #: The audit attacks at radius * (1 - AUDIT_SHRINK).
 AUDIT_SHRINK = 1e-4
@@ -54,7 +64,8 @@ class AuditBatch:
     not audited). ``violation``: confirmed in float64. ``float32_only``: broken in float32 only.
     ``adv_pred``/``adv_norm``: the attack's point. ``empirical_radius``: min-norm witness length
     (nan when tightness was not measured, inf when nothing was found). ``lipschitz_lower``: the
-    largest logit-change ratio any attack saw, per sample. ``x_adv``: the audit's points.
+    largest logit-change ratio any attack saw, per sample. ``x_adv``: the audit's points (None
+    where not kept: :func:`attack_dataset` keeps only the violations' points).
     """
 
     certified: torch.Tensor
@@ -66,7 +77,17 @@ class AuditBatch:
     adv_norm: torch.Tensor
     empirical_radius: torch.Tensor
     lipschitz_lower: torch.Tensor
-    x_adv: torch.Tensor
+    x_adv: torch.Tensor | None = None
+
+    @classmethod
+    def unaudited(cls, radius: torch.Tensor, x_adv: torch.Tensor | None = None) -> "AuditBatch":
+        """One entry per radius, none of them audited yet."""
+        n = radius.shape[0]
+        nan = torch.full((n,), math.nan, dtype=torch.float64)
+        return cls(certified=torch.zeros(n, dtype=torch.bool), radius=radius, audit_eps=nan.clone(),
+                   violation=torch.zeros(n, dtype=torch.bool), float32_only=torch.zeros(n, dtype=torch.bool),
+                   adv_pred=torch.full((n,), -1, dtype=torch.long), adv_norm=nan.clone(),
+                   empirical_radius=nan.clone(), lipschitz_lower=torch.zeros(n, dtype=torch.float64), x_adv=x_adv)
 
     @property
     def tightness(self) -> torch.Tensor:
@@ -75,12 +96,37 @@ class AuditBatch:
         return torch.where(self.certified, t, torch.full_like(t, math.nan))
 
 
-def _float64_margins(model: nn.Module, *points: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    model64 = copy.deepcopy(model).to(torch.float64)
-    with attack_mode(model64), torch.no_grad():
-        return [margins(model64(p.to(torch.float64)), y).cpu() for p in points]
+def _even_chunks(idx: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """``idx`` in the fewest chunks of at most ``batch_size``, of nearly equal sizes (81 at 64:
+    41 + 40, not 64 + 17, whose small batch costs more per sample)."""
+    return torch.tensor_split(idx, -(-idx.numel() // batch_size)) if idx.numel() else ()
 
 
+class _Float64Model:
+    """The model's function in float64 arithmetic, for confirming successes (built on first use,
+    then reused): a copy of the model, so that its float64 evaluation plans never evict the
+    float32 ones that the attacks use, evaluated on float64 inputs (lipcert's layers then apply the
+    certified float32 weights and plans in float64). A model that refuses float64 inputs (plain
+    torch layers) is converted to float64, which is exact for its weights."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._copy: nn.Module | None = None
+
+    @torch.no_grad()
+    def margins(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x64 = x.detach().to(torch.float64)
+        if self._copy is None:
+            m = copy.deepcopy(self.model).eval()
+            try:
+                m(x64[:1])
+            except RuntimeError:
+                m = m.to(torch.float64)
+            self._copy = m
+        return margins(self._copy(x64), y).cpu()
+
+
+@ieee_float32_call
 def audit_certificates(
     model: nn.Module,
     x: torch.Tensor,
@@ -90,11 +136,13 @@ def audit_certificates(
     attacks: str | Sequence[str] = "all",
     steps: int = 50,
     restarts: int = 1,
-    tightness: bool = True,
+    tightness: bool = False,
     search_steps: int = 8,
+    batch_size: int = 256,
     seed: int | None = 0,
     generator: torch.Generator | None = None,
     shrink: float = AUDIT_SHRINK,
+    _float64: _Float64Model | None = None,
 ) -> AuditBatch:
     """Attack every certified sample inside its own certified radius (see the module docstring).
 
@@ -104,11 +152,15 @@ def audit_certificates(
         radius: certified radius per sample (from :class:`certify.certificates.Certifier`, or any
             claimed radii: the audit trusts nothing and is the test of them).
         attacks, steps, restarts: the attack ensemble (:func:`certify.attacks.attack_ensemble`).
-        tightness: also run the minimum-norm search on the certified samples.
+        tightness: also run the minimum-norm search on the certified samples (off by default: it
+            costs about ``search_steps + 2`` audits).
+        batch_size: certified samples attacked together (memory grows with it).
     """
-    parse_attacks(attacks)
+    names = parse_attacks(attacks)
     if not 0 <= shrink < 1:
         raise ConfigError(f"shrink must be in [0, 1), got {shrink}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     n = x.shape[0]
     radius = torch.as_tensor(radius, dtype=torch.float64).detach().cpu().reshape(-1)
     if radius.shape != (n,):
@@ -116,58 +168,65 @@ def audit_certificates(
     if torch.isnan(radius).any():
         raise ConfigError("certified radii contain NaN")
     gen = generator or torch.Generator(device="cpu").manual_seed(0 if seed is None else int(seed))
+    f64 = _float64 or _Float64Model(model)
     with attack_mode(model), torch.no_grad():
-        clean = margins(model(x), y).cpu()
+        parts = [margins(model(xc), yc).cpu() for xc, yc in zip(x.split(batch_size), y.split(batch_size))]
+    clean = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     certified = (clean > 0) & (radius > 0)
-    nan = torch.full((n,), math.nan, dtype=torch.float64)
-    audit_eps, adv_norm, emp = nan.clone(), nan.clone(), nan.clone()
-    violation = torch.zeros(n, dtype=torch.bool)
-    f32 = torch.zeros(n, dtype=torch.bool)
-    adv_pred = torch.full((n,), -1, dtype=torch.long)
-    lip = torch.zeros(n, dtype=torch.float64)
-    x_adv = x.clone()
-    sel = certified.nonzero().squeeze(1)
-    if sel.numel():
-        sd = sel.to(x.device)
-        # An infinite radius (a constant model) is audited at the farthest point of the box.
-        cap = (torch.maximum(x[sd], 1 - x[sd])).flatten(1).to(torch.float64).norm(dim=1).cpu()
-        eps = torch.minimum(radius[sel] * (1 - shrink), cap)
-        res: AttackResult = attack_ensemble(model, x[sd], y[sd], eps, attacks, steps=steps, restarts=restarts,
-                                            generator=gen)
-        audit_eps[sel], adv_norm[sel] = eps, res.norm
-        adv_pred[sel] = res.adv_pred
-        lip[sel] = res.lipschitz_lower
-        x_adv[sd] = res.x_adv
-        hit = res.success.nonzero().squeeze(1)
-        if hit.numel():
-            hd = hit.to(x.device)
-            (m_adv,) = _float64_margins(model, res.x_adv[hd], y=y[sd][hd])
-            confirmed = m_adv <= 0
-            violation[sel[hit[confirmed]]] = True
-            f32[sel[hit[~confirmed]]] = True
-        if tightness:
-            init = torch.where(torch.isfinite(radius[sel]), 2 * radius[sel], cap)
-            mn = min_norm_search(model, x[sd], y[sd], attacks=attacks, init_eps=torch.minimum(init, cap),
-                                 search_steps=search_steps, steps=steps, restarts=restarts, generator=gen)
-            emp[sel] = mn.radius
-            # A min-norm witness shorter than the audit radius is a violation found by the
-            # stronger search: confirm it in float64 like the others.
-            inside = (mn.radius <= eps) & ~violation[sel]
-            if inside.any():
-                idd = inside.nonzero().squeeze(1)
-                hd = idd.to(x.device)
-                (m_adv,) = _float64_margins(model, mn.x_adv[hd], y=y[sd][hd])
-                confirmed = m_adv <= 0
-                violation[sel[idd[confirmed]]] = True
-                f32[sel[idd[~confirmed]]] = True
-                for j in idd[confirmed].tolist():
-                    x_adv[sd[j]] = mn.x_adv[j]
-                    adv_pred[sel[j]] = mn.adv_pred[j]
-                    adv_norm[sel[j]] = mn.radius[j]
-            lip[sel] = torch.maximum(lip[sel], mn.lipschitz_lower)
-    return AuditBatch(certified=certified, radius=radius, audit_eps=audit_eps, violation=violation,
-                      float32_only=f32, adv_pred=adv_pred, adv_norm=adv_norm, empirical_radius=emp,
-                      lipschitz_lower=lip, x_adv=x_adv)
+    out = AuditBatch.unaudited(radius, x_adv=x.clone())
+    out.certified = certified
+    for sel in _even_chunks(certified.nonzero().squeeze(1), batch_size):
+        _audit_selected(model, x, y, sel, out, f64, names, steps=steps, restarts=restarts, tightness=tightness,
+                        search_steps=search_steps, generator=gen, shrink=shrink)
+    return out
+
+
+def _confirm(out: AuditBatch, sel: torch.Tensor, hit: torch.Tensor, x_pts: torch.Tensor, y_sel: torch.Tensor,
+             f64: _Float64Model) -> torch.Tensor:
+    """Re-check the float32 successes ``hit`` (positions in ``sel``) in float64; record violations
+    and float32-only flips; return the confirmed mask over ``hit``."""
+    hd = hit.to(x_pts.device)
+    confirmed = f64.margins(x_pts[hd], y_sel[hd]) <= 0
+    out.violation[sel[hit[confirmed]]] = True
+    out.float32_only[sel[hit[confirmed]]] = False  # a violation, not rounding
+    out.float32_only[sel[hit[~confirmed]]] = True
+    return confirmed
+
+
+def _audit_selected(model, x, y, sel, out: AuditBatch, f64, names, *, steps, restarts, tightness, search_steps,
+                    generator, shrink) -> None:
+    """Audit the certified samples ``sel`` (CPU indices into x) together, writing into ``out``."""
+    sd = sel.to(x.device)
+    xs, ys, r = x[sd], y[sd], out.radius[sel]
+    # An infinite radius (a constant model) is audited at the farthest point of the box.
+    cap = torch.maximum(xs, 1 - xs).flatten(1).to(torch.float64).norm(dim=1).cpu()
+    eps = torch.minimum(r * (1 - shrink), cap)
+    res: AttackResult = attack_ensemble(model, xs, ys, eps, names, steps=steps, restarts=restarts,
+                                        generator=generator)
+    out.audit_eps[sel], out.adv_norm[sel], out.adv_pred[sel] = eps, res.norm, res.adv_pred
+    out.lipschitz_lower[sel] = res.lipschitz_lower
+    out.x_adv[sd] = res.x_adv
+    hit = res.success.nonzero().squeeze(1)
+    if hit.numel():
+        _confirm(out, sel, hit, res.x_adv, ys, f64)
+    if not tightness:
+        return
+    init = torch.minimum(torch.where(torch.isfinite(r), 2 * r, cap), cap)
+    # the audit's attack failed at eps: the bisection starts there instead of re-attacking inside it
+    lower = torch.where(res.success, torch.zeros_like(eps), eps)
+    mn = min_norm_search(model, xs, ys, attacks=names, init_eps=init, lower=lower, search_steps=search_steps,
+                         steps=steps, restarts=restarts, generator=generator)
+    out.empirical_radius[sel] = mn.radius
+    out.lipschitz_lower[sel] = torch.maximum(out.lipschitz_lower[sel], mn.lipschitz_lower)
+    # A min-norm witness shorter than the audit radius is a violation found by the stronger
+    # search: confirm it in float64 like the others.
+    inside = ((mn.radius <= eps) & ~out.violation[sel]).nonzero().squeeze(1)
+    if inside.numel():
+        confirmed = _confirm(out, sel, inside, mn.x_adv, ys, f64)
+        for j in inside[confirmed].tolist():
+            out.x_adv[sd[j]] = mn.x_adv[j]
+            out.adv_pred[sel[j]] = mn.adv_pred[j]
+            out.adv_norm[sel[j]] = mn.radius[j]
 
 
 def quantiles(values: torch.Tensor) -> dict[str, float]:
@@ -195,7 +254,8 @@ def summarize_audit(batches: Sequence[AuditBatch], lipschitz_upper: float | None
         "violation_indices": cat["violation"].nonzero().squeeze(1).tolist(),
         "float32_only_flips": int(cat["float32_only"].sum()),
         "tightness_measured": int(torch.isfinite(emp).sum()) if emp.numel() else 0,
-        "tightness_not_broken": int(torch.isinf(emp).sum()) if emp.numel() else 0,
+        # None: no tightness search ran (it is optional)
+        "tightness_not_broken": int(torch.isinf(emp).sum()) if (~torch.isnan(emp)).any() else None,
         "tightness": quantiles(tight[certified]) if certified.any() else {},
         "lipschitz_upper": lipschitz_upper,
         "lipschitz_lower_attack": lower,
@@ -220,13 +280,21 @@ class AttackReport:
     adversarials: list[tuple[str, torch.Tensor]]
 
 
-def _confirm_float64(model, x, x_adv, y) -> torch.Tensor:
-    if x.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool)
-    (m,) = _float64_margins(model, x_adv, y=y)
-    return m <= 0
+def _load(dataset, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float images in [0, 1] on ``device`` and CPU labels of the dataset's items ``idx``."""
+    from .data import to_float
+
+    if hasattr(dataset, "batch"):
+        imgs, labels = dataset.batch(idx)
+        x = to_float(imgs)
+    else:
+        items = [dataset[int(i)] for i in idx]
+        x = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a, _ in items])
+        labels = torch.tensor([int(b) for _, b in items])
+    return x.to(device), labels
 
 
+@ieee_float32_call
 def attack_dataset(
     model: nn.Module,
     dataset,
@@ -236,6 +304,7 @@ def attack_dataset(
     steps: int = 50,
     restarts: int = 1,
     audit: bool = False,
+    tightness: bool = False,
     min_norm: bool = False,
     search_steps: int = 8,
     batch_size: int = 64,
@@ -246,104 +315,134 @@ def attack_dataset(
     progress=None,
 ) -> AttackReport:
     """Attack every image of ``dataset`` at each ``(label, eps)``; certify it beside; optionally
-    audit the certificates and search each sample's minimal adversarial distance.
+    audit the certificates (with ``tightness``, also their empirical / certified radius) and
+    search each sample's minimal adversarial distance (``min_norm``).
 
     Summary per eps: clean accuracy, certified accuracy (correct and radius > eps), empirical
     robust accuracy (no attack broke it within eps), and ``certified_but_broken``: samples
     certified at eps that an attack broke within eps, confirmed in float64 (a certificate
     violation; always 0 for a sound certificate, so empirical >= certified accuracy).
+
+    Order of work: every image is certified first (the eps are the certifier's thresholds), then
+    attacked at each eps batch by batch, then the certified images are audited together, in the
+    fewest batches of at most ``batch_size`` (not the certified part of each batch). ``progress(done, total)``
+    counts images attacked, audited and searched.
     """
     from .certificates import Certifier
-    from .data import to_float
 
     names = parse_attacks(attacks)
     if len(dataset) == 0:
         raise ConfigError("the dataset is empty; nothing to attack")
     if not eps:
         raise ConfigError("give at least one eps")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     cert = certifier or Certifier(model)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    f64 = _Float64Model(model)
     n = len(dataset)
+    batches = list(torch.arange(n).split(batch_size))
     samples: list[dict] = []
     radii: list[dict] = []
     adversarials: list[tuple[str, torch.Tensor]] = []
-    audits: list[AuditBatch] = []
     per_eps = {lab: {"correct": 0, "certified": 0, "robust": 0, "certified_but_broken": 0} for lab, _ in eps}
     lip_lower = 0.0
-    emp_all: list[torch.Tensor] = []
-    for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(n, start + batch_size))
-        if hasattr(dataset, "batch"):
-            imgs, labels = dataset.batch(idx)
-            x = to_float(imgs)
-        else:
-            items = [dataset[int(i)] for i in idx]
-            x = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a, _ in items])
-            labels = torch.tensor([int(b) for _, b in items])
-        x, y = x.to(device), labels.to(device)
+
+    # 1. certificates of every image (before any attack: the certifier's float64 re-checks then do
+    #    not alternate with the attacks' float32 passes)
+    labels, pred, radius = [], [], []
+    for idx in batches:
+        x, lab = _load(dataset, idx, device)
         if not torch.isfinite(x).all():
-            raise ConfigError(f"images {start}..{start + len(idx) - 1} contain NaN or infinite pixels")
-        _, pred, _, radius = cert(x)
-        pred, radius = pred.cpu(), radius.cpu()
-        correct = pred == y.cpu()
+            raise ConfigError(f"images {int(idx[0])}..{int(idx[-1])} contain NaN or infinite pixels")
+        _, p, _, r = cert(x, thresholds=[e for _, e in eps])
+        labels.append(lab.cpu())
+        pred.append(p.cpu())
+        radius.append(r.cpu())
+    labels, pred, radius = torch.cat(labels), torch.cat(pred), torch.cat(radius)
+    correct = pred == labels
+    to_audit = (correct & (radius > 0)).nonzero().squeeze(1) if audit else torch.zeros(0, dtype=torch.long)
+    total = n + to_audit.numel() + (n - to_audit.numel() if min_norm else 0)
+    done = 0
+
+    def advance(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress(done, total)
+
+    # 2. attacks at each eps
+    for idx in batches:
+        x, _ = _load(dataset, idx, device)
+        y = labels[idx].to(device)
         for lab, e in eps:
             res = attack_ensemble(model, x, y, e, names, steps=steps, restarts=restarts, generator=gen)
             lip_lower = max(lip_lower, float(res.lipschitz_lower.max()))
-            certified = correct & (radius > e)
+            certified = correct[idx] & (radius[idx] > e)
             broken_cert = certified & res.success
             if broken_cert.any():
-                bd = broken_cert.nonzero().squeeze(1).to(x.device)
-                broken_cert[broken_cert.clone()] = _confirm_float64(model, x[bd], res.x_adv[bd], y[bd])
+                bd = broken_cert.nonzero().squeeze(1)
+                broken_cert[bd] = f64.margins(res.x_adv[bd.to(x.device)], y[bd.to(y.device)]) <= 0
             s = per_eps[lab]
-            s["correct"] += int(correct.sum())
+            s["correct"] += int(correct[idx].sum())
             s["certified"] += int(certified.sum())
             s["robust"] += int((~res.success).sum())
             s["certified_but_broken"] += int(broken_cert.sum())
             for j, i in enumerate(idx.tolist()):
                 samples.append({
-                    "index": i, "label": int(labels[j]), "clean_prediction": int(pred[j]),
-                    "certified_radius": float(radius[j]), "eps": lab, "certified": bool(certified[j]),
+                    "index": i, "label": int(labels[i]), "clean_prediction": int(pred[i]),
+                    "certified_radius": float(radius[i]), "eps": lab, "certified": bool(certified[j]),
                     "adversarial_prediction": int(res.adv_pred[j]), "perturbation_norm": float(res.norm[j]),
                     "success": bool(res.success[j]), "attack": res.attack[j],
                     "certificate_violation": bool(broken_cert[j]),
                 })
                 if keep_adversarials and res.success[j] and res.attack[j] != "clean":
-                    adversarials.append((f"eps{lab}_{i:06d}_label{int(labels[j])}_adv{int(res.adv_pred[j])}",
+                    adversarials.append((f"eps{lab}_{i:06d}_label{int(labels[i])}_adv{int(res.adv_pred[j])}",
                                          res.x_adv[j].detach().cpu()))
-        if audit or min_norm:
-            emp = torch.full((len(idx),), math.nan, dtype=torch.float64)
-            ab = None
-            if audit:
-                ab = audit_certificates(model, x, y, radius, attacks=names, steps=steps, restarts=restarts,
-                                        tightness=True, search_steps=search_steps, generator=gen)
-                audits.append(ab)
-                emp = ab.empirical_radius.clone()
-                lip_lower = max(lip_lower, float(ab.lipschitz_lower.max()))
-            if min_norm:
-                rest = torch.isnan(emp).nonzero().squeeze(1)  # the audit measured the certified ones
-                if rest.numel():
-                    rd = rest.to(x.device)
-                    mn = min_norm_search(model, x[rd], y[rd], attacks=names, search_steps=search_steps,
-                                         steps=steps, restarts=restarts, generator=gen)
-                    emp[rest] = mn.radius
-                    lip_lower = max(lip_lower, float(mn.lipschitz_lower.max()))
-            emp_all.append(emp)
-            for j, i in enumerate(idx.tolist()):
-                row = {"index": i, "label": int(labels[j]), "clean_prediction": int(pred[j]),
-                       "certified_radius": float(radius[j]), "empirical_radius": float(emp[j]),
-                       "tightness": float(emp[j] / radius[j]) if radius[j] > 0 and correct[j] else math.nan}
-                if ab is not None:
-                    row.update({"audited": bool(ab.certified[j]), "audit_eps": float(ab.audit_eps[j]),
-                                "violation": bool(ab.violation[j]), "float32_only": bool(ab.float32_only[j]),
-                                "audit_adversarial_prediction": int(ab.adv_pred[j]),
-                                "audit_perturbation_norm": float(ab.adv_norm[j])})
-                    if keep_adversarials and ab.violation[j]:
-                        adversarials.append((f"violation_{i:06d}_label{int(labels[j])}_adv{int(ab.adv_pred[j])}",
-                                             ab.x_adv[j].detach().cpu()))
-                radii.append(row)
-        if progress is not None:
-            progress(min(n, start + batch_size), n)
+        advance(len(idx))
+
+    # 3. the audit: the certified images together, in the fewest batches of at most batch_size
+    ab = None
+    if audit:
+        ab = AuditBatch.unaudited(radius.to(torch.float64))
+        for idx in _even_chunks(to_audit, batch_size):
+            x, _ = _load(dataset, idx, device)
+            part = audit_certificates(model, x, labels[idx].to(device), radius[idx], attacks=names, steps=steps,
+                                      restarts=restarts, tightness=tightness or min_norm, search_steps=search_steps,
+                                      batch_size=batch_size, generator=gen, _float64=f64)
+            for k in ("certified", "audit_eps", "violation", "float32_only", "adv_pred", "adv_norm",
+                      "empirical_radius", "lipschitz_lower"):
+                getattr(ab, k)[idx] = getattr(part, k)
+            lip_lower = max(lip_lower, float(part.lipschitz_lower.max()))
+            if keep_adversarials:
+                for j in part.violation.nonzero().squeeze(1).tolist():
+                    i = int(idx[j])
+                    adversarials.append((f"violation_{i:06d}_label{int(labels[i])}_adv{int(part.adv_pred[j])}",
+                                         part.x_adv[j].detach().cpu()))
+            advance(len(idx))
+
+    # 4. the min-norm search on the images the audit did not measure
+    emp = ab.empirical_radius.clone() if ab is not None else torch.full((n,), math.nan, dtype=torch.float64)
+    if min_norm:
+        for idx in _even_chunks(torch.isnan(emp).nonzero().squeeze(1), batch_size):
+            x, _ = _load(dataset, idx, device)
+            mn = min_norm_search(model, x, labels[idx].to(device), attacks=names, search_steps=search_steps,
+                                 steps=steps, restarts=restarts, generator=gen)
+            emp[idx] = mn.radius
+            lip_lower = max(lip_lower, float(mn.lipschitz_lower.max()))
+            advance(len(idx))
+    if audit or min_norm:
+        for i in range(n):
+            row = {"index": i, "label": int(labels[i]), "clean_prediction": int(pred[i]),
+                   "certified_radius": float(radius[i]), "empirical_radius": float(emp[i]),
+                   "tightness": float(emp[i] / radius[i]) if radius[i] > 0 and correct[i] else math.nan}
+            if ab is not None:
+                row.update({"audited": bool(ab.certified[i]), "audit_eps": float(ab.audit_eps[i]),
+                            "violation": bool(ab.violation[i]), "float32_only": bool(ab.float32_only[i]),
+                            "audit_adversarial_prediction": int(ab.adv_pred[i]),
+                            "audit_perturbation_norm": float(ab.adv_norm[i])})
+            radii.append(row)
 
     lipschitz_upper = getattr(cert, "lipschitz", None)
     if lipschitz_upper is None:  # pairwise certificate: the whole model still has a bound (LLN)
@@ -368,12 +467,11 @@ def attack_dataset(
             "certified_accuracy": s["certified"] / n, "empirical_robust_accuracy": s["robust"] / n,
             "certified_but_broken": s["certified_but_broken"],
         })
-    if audit:
-        summary["audit"] = summarize_audit(audits, lipschitz_upper)
+    if ab is not None:
+        summary["audit"] = summarize_audit([ab], lipschitz_upper)
         summary["audit"]["lipschitz_lower_attack"] = lip_lower
         if lipschitz_upper and lip_lower > 0:
             summary["audit"]["lipschitz_gap"] = lipschitz_upper / lip_lower
-    if emp_all:
-        emp = torch.cat(emp_all)
+    if audit or min_norm:
         summary["empirical_radius"] = quantiles(emp)
     return AttackReport(samples=samples, radii=radii, summary=summary, adversarials=adversarials)

@@ -228,7 +228,7 @@ def test_audit_finds_no_violation_on_a_trained_1_lipschitz_model(soc_model):
     cert = Certifier(soc_model)
     _, pred, _, radius = cert(x)
     assert (pred == y).float().mean() > 0.6
-    batch = audit_certificates(soc_model, x, y, radius, steps=10, search_steps=4)
+    batch = audit_certificates(soc_model, x, y, radius, steps=10, tightness=True, search_steps=4)
     summary = summarize_audit([batch], cert.lipschitz)
     assert summary["certified_audited"] >= 10
     assert summary["violations"] == 0 and summary["passed"]
@@ -273,7 +273,7 @@ def _audit_first(model, cert, x, y, n: int):
     """Certify the first n images, attack each inside its certified radius, assert 0 violations
     among at least one certified image; returns the audit batch and its summary."""
     _, _, _, radius = cert(x[:n])
-    batch = audit_certificates(model, x[:n], y[:n], radius, steps=20, search_steps=4)
+    batch = audit_certificates(model, x[:n], y[:n], radius, steps=20, tightness=True, search_steps=4)
     summary = summarize_audit([batch], cert.lipschitz)
     assert summary["certified_audited"] > 0
     assert summary["violations"] == 0 and summary["passed"]
@@ -323,3 +323,176 @@ def test_audit_on_dense_fast_evaluation(tiny_model):
     assert any(m._plan.kind == "dense" for m in model.modules() if isinstance(m, SOC))
     _, summary = _audit_first(model, cert, x, y, 12)
     assert summary["lipschitz_lower_attack"] <= cert.lipschitz
+
+
+# ---- audit cost, batching and arithmetic ---------------------------------------------------------
+
+
+class _Recorder(nn.Module):
+    """Wraps a model; records each forward's batch size and float32 matmul precision."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.sizes: list[int] = []
+        self.precisions: set[str] = set()
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        self.precisions.add(torch.get_float32_matmul_precision())
+        return self.model(x)
+
+
+class _Items:
+    """A dataset of float images (the __getitem__ path of attack_dataset)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def test_attacks_and_audit_run_with_ieee_float32(plain_model, soc_model):
+    """TF32/bf16 switches a caller set are off inside every attack and audit entry point, and
+    restored afterwards."""
+    from certify.audit import attack_dataset
+
+    x, y = _blobs(6, seed=8, signal=0.25)
+    rec = _Recorder(plain_model)
+    soc = _Recorder(soc_model)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        A.pgd_l2(rec, x, y, 0.1, steps=2)
+        A.apgd_l2(rec, x, y, 0.1, steps=2)
+        A.attack_ensemble(rec, x, y, 0.1, steps=2)
+        A.min_norm_search(rec, x, y, steps=2, search_steps=1, line_search_steps=1)
+        _, _, _, radius = Certifier(soc_model)(x)
+        audit_certificates(soc, x, y, radius, steps=2, tightness=True, search_steps=1)
+        attack_dataset(soc, _Items(x, y), [("0.1", 0.1)], attacks="pgd", steps=2, audit=True,
+                       certifier=Certifier(soc_model))
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert rec.precisions == {"highest"} and soc.precisions == {"highest"}
+
+
+def test_default_audit_costs_one_attack_ensemble(soc_model):
+    """The tightness search (about search_steps + 2 ensembles more) is opt-in: the default audit
+    spends at most one ensemble's forward passes per certified sample, and measures no
+    empirical radius; with tightness=True it does."""
+    x, y = _blobs(24, seed=7, signal=0.25)
+    _, _, _, radius = Certifier(soc_model)(x)
+    steps = 5
+    rec = _Recorder(soc_model)
+    batch = audit_certificates(rec, x, y, radius, steps=steps)
+    audited = int(batch.certified.sum())
+    assert audited >= 10
+    # one clean pass of all, then per attack: a clean pass, the steps and the last iterate
+    assert sum(rec.sizes) <= len(y) + len(A.ATTACKS) * (steps + 2) * audited
+    assert torch.isnan(batch.empirical_radius).all()
+    assert summarize_audit([batch])["tightness_not_broken"] is None
+    measured = audit_certificates(soc_model, x, y, radius, steps=steps, tightness=True, search_steps=2)
+    assert torch.isfinite(measured.empirical_radius[measured.certified]).all()
+
+
+def test_attack_dataset_audits_certified_images_together(soc_model, monkeypatch):
+    """The audit attacks the certified images of the whole dataset together, in the fewest batches
+    of at most batch_size (not the certified part of each batch), and maps its results back to the
+    dataset's indices."""
+    import certify.audit as audit_mod
+
+    x, y = _blobs(40, seed=9, signal=0.25)
+    y[::3] = (y[::3] + 1) % 3  # 14 wrong labels: not certified, not audited
+    calls = []
+    real = audit_mod.audit_certificates
+
+    def recording(model, xs, ys, r, **kw):
+        out = real(model, xs, ys, r, **kw)
+        calls.append(int(out.certified.sum()))
+        return out
+
+    monkeypatch.setattr(audit_mod, "audit_certificates", recording)
+    cert = Certifier(soc_model)
+    _, pred, _, radius = cert(x)
+    certified = int(((pred == y) & (radius > 0)).sum())
+    assert 8 < certified < 40 and certified % 8  # several batches, some partly certified
+    report = audit_mod.attack_dataset(soc_model, _Items(x, y), [("0.01", 0.01)], attacks="apgd-ce", steps=3,
+                                      audit=True, batch_size=8, certifier=cert)
+    chunks = -(-certified // 8)  # the fewest batches of at most 8, of nearly equal sizes
+    assert len(calls) == chunks and sum(calls) == certified and max(calls) - min(calls) <= 1
+    assert report.summary["audit"]["certified_audited"] == certified
+    rows = report.radii
+    assert [r["index"] for r in rows] == list(range(40))
+    for r in rows:
+        assert r["audited"] == (r["clean_prediction"] == r["label"] and r["certified_radius"] > 0)
+        if r["audited"]:
+            assert r["audit_perturbation_norm"] <= r["audit_eps"] < r["certified_radius"]
+
+
+def test_attack_dataset_maps_inflated_certificates_to_their_images(soc_model):
+    """Radii inflated 10x: the audit's violations carry the dataset indices of their images."""
+    from certify.audit import attack_dataset
+
+    class Liar(Certifier):
+        def __call__(self, x, thresholds=()):
+            logits, pred, margin, radius = super().__call__(x, thresholds)
+            return logits, pred, margin, radius * 10
+
+    x, y = _blobs(24, seed=7, signal=0.25)
+    report = attack_dataset(soc_model, _Items(x, y), [("0.01", 0.01)], steps=10, audit=True, batch_size=8,
+                            certifier=Liar(soc_model), keep_adversarials=True)
+    a = report.summary["audit"]
+    assert a["violations"] > 0 and not a["passed"]
+    names = {name for name, _ in report.adversarials if name.startswith("violation_")}
+    assert len(names) == a["violations"]
+    for i in a["violation_indices"]:
+        row = report.radii[i]
+        assert row["index"] == i and row["violation"]
+        img = next(t for name, t in report.adversarials if name.startswith(f"violation_{i:06d}_"))
+        with torch.no_grad():
+            assert soc_model(img[None]).argmax(1).item() != y[i]
+        assert (img - x[i]).norm() <= row["audit_eps"]
+
+
+def test_attack_dataset_confirms_certificates_at_each_eps(soc_model):
+    """The eps are the certifier's thresholds: radii near one of them are re-checked in float64
+    before "certified at eps" is decided."""
+    from certify.audit import attack_dataset
+
+    seen = []
+
+    class Recording(Certifier):
+        def __call__(self, x, thresholds=()):
+            seen.append(tuple(thresholds))
+            return super().__call__(x, thresholds)
+
+    x, y = _blobs(8, seed=7, signal=0.25)
+    attack_dataset(soc_model, _Items(x, y), [("a", 0.01), ("b", 0.1)], attacks="pgd", steps=1, batch_size=4,
+                   certifier=Recording(soc_model))
+    assert seen == [(0.01, 0.1)] * 2
+
+
+def test_min_norm_search_lower_end():
+    """``lower`` (an eps where an attack failed already) only moves the bisection's start: the
+    result stays a witness, and a bad value is a ConfigError."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+    x, y = _blobs(8, seed=6)
+    _train(lin, x, y, steps=60, lr=1e-2)
+    base = A.min_norm_search(lin, x, y, init_eps=0.1, search_steps=6, steps=10)
+    ok = base.found
+    lower = torch.where(ok, 0.5 * base.radius, torch.zeros_like(base.radius))
+    mn = A.min_norm_search(lin, x, y, init_eps=0.1, lower=lower, search_steps=6, steps=10)
+    assert torch.equal(mn.found, base.found)
+    with torch.no_grad():
+        assert (lin(mn.x_adv[ok]).argmax(1) != y[ok]).all()
+    assert (mn.radius[ok] <= base.radius[ok] * 1.05).all()
+    with pytest.raises(ConfigError):
+        A.min_norm_search(lin, x, y, lower=torch.ones(3))
+    with pytest.raises(ConfigError):
+        A.min_norm_search(lin, x, y, lower=-1.0)

@@ -89,7 +89,7 @@ def _labels_from_predictions(ckpt, n=6):
 def test_audit_passes_and_reports_tightness(ckpt, monkeypatch, eval_path):
     ds = _labels_from_predictions(ckpt)
     monkeypatch.setattr(certify.data, "load_dataset", lambda *a, **k: ds)
-    r = run(ckpt, *FAST, "--audit", "--format", "json", "--eval", eval_path)
+    r = run(ckpt, *FAST, "--audit", "--tightness", "--format", "json", "--eval", eval_path)
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["config"]["eval"] == eval_path
     audit = json.loads(r.stdout)["audit"]
@@ -98,13 +98,28 @@ def test_audit_passes_and_reports_tightness(ckpt, monkeypatch, eval_path):
     assert 0 < audit["lipschitz_lower_attack"] <= audit["lipschitz_upper"]
 
 
+def test_audit_without_tightness_says_so(ckpt, monkeypatch):
+    """The tightness search is opt-in (--tightness): without it the audit attacks inside every
+    certified radius and the report says that the empirical radius was not measured."""
+    ds = _labels_from_predictions(ckpt)
+    monkeypatch.setattr(certify.data, "load_dataset", lambda *a, **k: ds)
+    r = run(ckpt, *FAST, "--audit", "--format", "json")
+    assert r.exit_code == 0, r.output
+    audit = json.loads(r.stdout)["audit"]
+    assert audit["certified_audited"] > 0 and audit["passed"]
+    assert audit["tightness"] == {} and audit["tightness_not_broken"] is None
+    t = run(ckpt, *FAST, "--audit")
+    assert t.exit_code == 0, t.output
+    assert "not measured (--tightness)" in t.output
+
+
 def test_audit_exits_3_on_inflated_certificates(ckpt, monkeypatch, tmp_path):
     ds = _labels_from_predictions(ckpt)
     monkeypatch.setattr(certify.data, "load_dataset", lambda *a, **k: ds)
 
     class Liar(certify.certificates.Certifier):
-        def __call__(self, x):
-            logits, pred, margin, radius = super().__call__(x)
+        def __call__(self, x, thresholds=()):
+            logits, pred, margin, radius = super().__call__(x, thresholds)
             return logits, pred, margin, radius * 1000
 
     monkeypatch.setattr(certify.certificates, "Certifier", Liar)
