@@ -95,7 +95,7 @@ def train_variant(name, args, data, device):
         kwargs.update(mlp_hidden=args.mlp_hidden, mlp_beta=args.mlp_beta)
     model = create_model(f"lipconvnet{args.depth}", **kwargs).to(device)
     # The reference: weight decay on the SOC filters only (never on the heads).
-    from certify.soc import SOC
+    from certify.layers.soc import SOC
 
     soc_w = {id(m.weight) for m in model.modules() if isinstance(m, SOC)}
     decay = [p for p in model.parameters() if id(p) in soc_w]

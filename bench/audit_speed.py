@@ -52,7 +52,8 @@ from _env import cpu_name  # noqa: E402
 
 from certify.audit import audit_certificates, summarize_audit  # noqa: E402
 from certify.certificates import Certifier  # noqa: E402
-from certify.soc import SOC, set_eval_mode  # noqa: E402
+from certify.layers import set_eval_mode  # noqa: E402
+from certify.layers.soc import SOC  # noqa: E402
 
 #: The last commit with the old audit loop (issue 5's audit; unchanged until issue 14).
 OLD_REV = "cc96929fd8e0f1f3cab183ae3d6288e4c9dca451"
@@ -107,7 +108,7 @@ def main() -> None:
         if r not in ROWS:
             raise SystemExit(f"unknown row {r!r}; choose from {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
-    from certify.checkpoint import load
+    from certify.loading import load
     from certify.data import dataset_for_checkpoint, to_float
 
     tmp = tempfile.mkdtemp(prefix="audit_speed_")

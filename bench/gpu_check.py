@@ -4,7 +4,7 @@ For each head (default: ortho, lln and mlp, i.e. the global, pairwise and curvat
 the script trains a tiny model for a few steps ON THE DEVICE with the library's
 :func:`certify.train.train` (synthetic data), then certifies the same validation images on the
 device and on the CPU, with both SOC evaluation paths (``taylor`` and ``fast``,
-:func:`certify.soc.set_eval_mode`), and prints the largest differences of logits, margins, radii
+:func:`certify.layers.soc.set_eval_mode`), and prints the largest differences of logits, margins, radii
 and the Lipschitz bound. It fails when a device radius exceeds the CPU radius by more than the
 tolerance below, or a device bound is below the CPU bound by more than it (a smaller bound gives
 larger radii), or when lipcert does not restore the user's TF32 settings. Rows:
@@ -310,7 +310,7 @@ def header(args, device, argv: list[str]) -> list[str]:
 def check_head(args, head: str, device, folder: Path, say) -> list[str]:
     """All rows of one head; returns the failures."""
     from certify.numerics import ieee_float32, reduced_precision_state
-    from certify.soc import set_eval_mode
+    from certify.layers import set_eval_mode
 
     failures = []
     t0 = time.perf_counter()

@@ -42,7 +42,8 @@ from baseline_soc import BaselineLipConvNet  # noqa: E402
 
 from certify.certificates import Certifier  # noqa: E402
 from certify.models import create_model  # noqa: E402
-from certify.soc import SOC, set_eval_mode  # noqa: E402
+from certify.layers import set_eval_mode  # noqa: E402
+from certify.layers.soc import SOC  # noqa: E402
 
 
 def environment() -> str:

@@ -40,7 +40,7 @@ from _env import cpu_name  # noqa: E402
 import torch.nn.functional as F
 
 from certify.models import create_model
-from certify.soc import SOC
+from certify.layers.soc import SOC
 
 MODES = ("exact", "fast")
 

@@ -30,7 +30,7 @@ Cost: one attack ensemble per certified sample (attacks x steps x restarts forwa
 passes, fewer for a sample broken early), the certified samples attacked together, in the fewest
 batches of at most ``batch_size``, each with its own eps. The audit attacks the model as it is given, which must be
 the function that was certified; the SOC layers' fast evaluation path
-(:func:`certify.soc.set_eval_mode`, certified with its own bound) makes every step cheaper.
+(:func:`certify.layers.soc.set_eval_mode`, certified with its own bound) makes every step cheaper.
 Everything runs with IEEE float32 arithmetic (:func:`certify.numerics.ieee_float32`).
 """
 
@@ -328,7 +328,7 @@ def attack_dataset(
     fewest batches of at most ``batch_size`` (not the certified part of each batch). ``progress(done, total)``
     counts images attacked, audited and searched.
     """
-    from .certificates import Certifier
+    from .certificates import Certifier, certify_batches
 
     names = parse_attacks(attacks)
     if len(dataset) == 0:
@@ -351,17 +351,15 @@ def attack_dataset(
 
     # 1. certificates of every image (before any attack: the certifier's float64 re-checks then do
     #    not alternate with the attacks' float32 passes)
-    labels, pred, radius = [], [], []
-    for idx in batches:
-        x, lab = _load(dataset, idx, device)
-        if not torch.isfinite(x).all():
-            raise ConfigError(f"images {int(idx[0])}..{int(idx[-1])} contain NaN or infinite pixels")
-        _, p, _, r = cert(x, thresholds=[e for _, e in eps])
-        labels.append(lab.cpu())
-        pred.append(p.cpu())
-        radius.append(r.cpu())
-    labels, pred, radius = torch.cat(labels), torch.cat(pred), torch.cat(radius)
-    correct = pred == labels
+    def finite_batches():
+        for idx in batches:
+            x, lab = _load(dataset, idx, device)
+            if not torch.isfinite(x).all():
+                raise ConfigError(f"images {int(idx[0])}..{int(idx[-1])} contain NaN or infinite pixels")
+            yield x, lab
+
+    res = certify_batches(cert, finite_batches(), thresholds=[e for _, e in eps])
+    labels, pred, radius, correct = res.labels, res.predictions, res.radii, res.correct
     to_audit = (correct & (radius > 0)).nonzero().squeeze(1) if audit else torch.zeros(0, dtype=torch.long)
     total = n + to_audit.numel() + (n - to_audit.numel() if min_norm else 0)
     done = 0

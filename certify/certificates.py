@@ -174,17 +174,20 @@ class Certifier:
             self._fingerprint = state_fingerprint(model)
             return
         head = getattr(model, "head_kind", None)
+        # what the head supports (certify.layers.protocol.Head.certificate); "global" for others
+        supported = getattr(model, "certificate", None) or getattr(getattr(model, "head", None), "certificate",
+                                                                   "global")
         if method == "auto":
-            method = {"lln": "pairwise", "mlp": "curvature"}.get(head, "global")
+            method = supported
         if method == "curvature-quick":
             self.curvature_mode = "quick"
         method = "curvature" if method == "curvature-quick" else method
-        if method == "pairwise" and head != "lln":
+        if method == "pairwise" and supported != "pairwise":
             raise ConfigError(f"the pairwise certificate needs an LLN head; this model's head is {head!r}")
-        if method == "curvature" and head != "mlp":
+        if method == "curvature" and supported != "curvature":
             raise ConfigError(f"the curvature certificate needs an MLP head; this model's head is {head!r}")
-        if method == "global" and head == "mlp":
-            raise ConfigError("an MLP head has no global Lipschitz bound; use the curvature certificate")
+        if method == "global" and supported == "curvature":
+            raise ConfigError(f"a {head} head has no global Lipschitz bound; use the curvature certificate")
         self.method = method
         self.bound_source = getattr(model, "bound_source", "computed from the weights")
         with ieee_float32():
@@ -443,6 +446,47 @@ def _upper_bounds(cert: Certifier) -> tuple[float | None, float | None]:
     return None, feature
 
 
+@dataclass
+class CertifiedSamples:
+    """Per-sample results of :func:`certify_batches`, on the CPU: labels, predictions, margins
+    (float64) and certified radii (float64)."""
+
+    labels: torch.Tensor
+    predictions: torch.Tensor
+    margins: torch.Tensor
+    radii: torch.Tensor
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.predictions == self.labels
+
+
+def certify_batches(cert: Certifier, batches, thresholds=(), device=None, progress=None) -> CertifiedSamples:
+    """The certification loop: ``cert`` over ``(images, labels)`` batches (float images in
+    [0, 1]), each moved to ``device`` as float32; ``thresholds`` are the eps the caller decides
+    at (``Certifier``'s float64 re-check band). ``progress(done)`` after each batch. Used by
+    :func:`certify_dataset`, training's validation, the demo and the audit alike."""
+    labels, preds, margins, radii = [], [], [], []
+    done = 0
+    for x, y in batches:
+        if x.shape[0] == 0:
+            continue
+        if device is not None:
+            x = x.to(device)
+        _, pred, margin, radius = cert(x.to(torch.float32), thresholds=thresholds)
+        labels.append(torch.as_tensor(y).long().view(-1).cpu())
+        preds.append(pred.cpu())
+        margins.append(margin.cpu())
+        radii.append(radius.cpu())
+        done += x.shape[0]
+        if progress is not None:
+            progress(done)
+    if not labels:
+        empty = torch.zeros(0)
+        return CertifiedSamples(empty.long(), empty.long(), empty.double(), empty.double())
+    return CertifiedSamples(torch.cat(labels), torch.cat(preds), torch.cat(margins), torch.cat(radii))
+
+
 def certify_dataset(
     model,
     dataset,
@@ -531,32 +575,27 @@ def certify_dataset(
 
     loader = DataLoader(Subset(dataset, range(n)) if n < total else dataset, batch_size=batch_size,
                         shuffle=False, num_workers=0)
-    labels, preds, margins, radii = [], [], [], []
-    done = 0
-    t1 = time.perf_counter()
-    for batch in loader:
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise DataError("the dataset must yield (image, label) pairs")
-        x, y = batch[0], torch.as_tensor(batch[1]).long().view(-1)
-        if not torch.is_floating_point(x):
-            raise DataError(f"images must be float tensors in [0, 1], got dtype {x.dtype}")
-        _check_images(x, done, expected_shape, model_name)
-        if num_classes is not None and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise DataError(f"labels must lie in 0..{num_classes - 1} for this model, "
-                            f"got {int(y.min())}..{int(y.max())}")
-        _, pred, margin, radius = cert(x.to(device=device, dtype=torch.float32),
-                                       thresholds=[value for _, value in eps_items])
-        labels.append(y)
-        preds.append(pred.cpu())
-        margins.append(margin.cpu())
-        radii.append(radius.cpu())
-        done += x.shape[0]
-        if progress is not None:
-            progress(done, n)
-    seconds = time.perf_counter() - t1
 
-    label_t, pred_t = torch.cat(labels), torch.cat(preds)
-    margin_t, radius_t = torch.cat(margins), torch.cat(radii)
+    def checked_batches():
+        done = 0
+        for batch in loader:
+            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                raise DataError("the dataset must yield (image, label) pairs")
+            x, y = batch[0], torch.as_tensor(batch[1]).long().view(-1)
+            if not torch.is_floating_point(x):
+                raise DataError(f"images must be float tensors in [0, 1], got dtype {x.dtype}")
+            _check_images(x, done, expected_shape, model_name)
+            if num_classes is not None and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                raise DataError(f"labels must lie in 0..{num_classes - 1} for this model, "
+                                f"got {int(y.min())}..{int(y.max())}")
+            done += x.shape[0]
+            yield x, y
+
+    t1 = time.perf_counter()
+    out = certify_batches(cert, checked_batches(), thresholds=[value for _, value in eps_items], device=device,
+                          progress=None if progress is None else lambda done: progress(done, n))
+    seconds = time.perf_counter() - t1
+    label_t, pred_t, margin_t, radius_t = out.labels, out.predictions, out.margins, out.radii
     correct_t = pred_t == label_t
     samples = pd.DataFrame({
         "index": range(n),

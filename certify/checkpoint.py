@@ -1,9 +1,12 @@
 """Checkpoints: one ``.safetensors`` file holding the state dict and lipcert's metadata.
 
 No pickle: tensors are the state dict, ``__metadata__`` holds strings only (JSON where a value is
-structured; floats go through ``repr`` inside ``json.dumps`` and round-trip exactly). Loading
-validates the schema, rebuilds the model from the registry, loads strictly and explains every
-mismatch. The Lipschitz bound is never stored here: it is recomputed from the weights.
+structured; floats go through ``repr`` inside ``json.dumps`` and round-trip exactly). Reading
+(:func:`read_checkpoint`) validates the schema and refuses non-finite tensors; a training model is
+rebuilt from the registry (:func:`build_from_metadata`) and loaded strictly, with every mismatch
+explained (:func:`finish_loading`). :func:`certify.loading.load` picks the model builder for a
+file (registry or baked plan). The Lipschitz bound is never stored here: it is recomputed from
+the weights.
 """
 
 from __future__ import annotations
@@ -146,11 +149,9 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
     model.load_state_dict(state, strict=True)
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", allow_pickle: bool = False) -> nn.Module:
-    """Load a checkpoint and return its model in eval mode, on ``device``.
-
-    The model carries ``checkpoint_metadata`` (the decoded metadata) and ``class_names``.
-    """
+def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a checkpoint file, validated: a lipcert safetensors file (or,
+    with ``allow_pickle``, a pickled ``{'state_dict', 'metadata'}``), no non-finite tensor."""
     path = Path(path)
     if allow_pickle and path.suffix.lower() in PICKLE_SUFFIXES:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -165,18 +166,17 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", allow_pick
             state = load_file(str(path), device="cpu")
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read its tensors ({_first_line(e)})") from None
-    if meta.get("checkpoint_kind") == "baked":
-        # An inference model written by `lipcert export --format safetensors`: rebuilt from the
-        # layer plan in its metadata (certify.baked), not from the registry's training builders.
-        from .baked import model_from_metadata
-
-        model = model_from_metadata(meta, path)
-    else:
-        model = build_from_metadata(meta, path)
     bad = [k for k, t in state.items() if torch.is_floating_point(t) and not bool(torch.isfinite(t).all())]
     if bad:
         shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
         raise CheckpointError(f"{path}: non-finite values (NaN or inf) in {shown}; refusing to load")
+    return meta, state
+
+
+def finish_loading(model: nn.Module, meta: dict[str, str], state: dict[str, torch.Tensor], path,
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """Load ``state`` into ``model`` strictly, attach the decoded metadata (``checkpoint_metadata``,
+    ``class_names``), move it to ``device`` and return it in eval mode."""
     load_state_strict(model, state, path)
     decoded = {k: _maybe_json(v) for k, v in meta.items()}
     model.checkpoint_metadata = decoded
@@ -194,16 +194,3 @@ def _maybe_json(value: str) -> Any:
         return json.loads(value)
     except (json.JSONDecodeError, TypeError):
         return value
-
-
-def load_any(path: str | os.PathLike, device: str | torch.device = "cpu", allow_pickle: bool = False,
-             onnx_bound: str = "verify"):
-    """Load any model file lipcert can certify: a ``.safetensors`` checkpoint (training or baked),
-    or an exported ``.onnx`` model (run by onnxruntime; ``onnx_bound`` is
-    :func:`certify.export.load_onnx_model`'s ``bound``: by default the graph is verified as
-    lipcert's and its bound computed from the graph's own weights)."""
-    if Path(path).suffix.lower() == ".onnx":
-        from .export import load_onnx_model  # needs the `export` extra
-
-        return load_onnx_model(path, device=device, bound=onnx_bound)
-    return load(path, device=device, allow_pickle=allow_pickle)

@@ -12,7 +12,7 @@ the tolerance fails with :class:`~certify.errors.ExportError` and leaves no file
   it, and computes the bounds from the rebuilt model (``bound_source`` :data:`BOUND_VERIFIED`);
   the bounds at export are stored too, as a record, and are read only when the user opts in to
   trusting a file that does not verify (:data:`BOUND_TRUSTED`).
-- safetensors: the baked model's tensors with its layer plan; :func:`certify.checkpoint.load`
+- safetensors: the baked model's tensors with its layer plan; :func:`certify.loading.load`
   rebuilds it with no training code, and the bound is recomputed from those tensors as usual.
 
 Needs the ``export`` extra (onnx, onnxruntime) for ONNX only.
@@ -134,10 +134,6 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(d.max()) if d.numel() else 0.0
 
 
-def _certificate(head_kind: str) -> str:
-    return {"lln": "pairwise", "mlp": "curvature"}.get(head_kind, "global")
-
-
 def _source_info(model: nn.Module) -> dict[str, Any]:
     meta = getattr(model, "checkpoint_metadata", None) or {}
     info = {k: meta[k] for k in _PASSTHROUGH if k in meta}
@@ -175,7 +171,7 @@ def export_safetensors(
     source: Path | None = None,
 ) -> ExportReport:
     """Bake ``model`` and write it as a baked ``.safetensors`` checkpoint (loadable by
-    :func:`certify.checkpoint.load` without training code), after checking that the file, read
+    :func:`certify.loading.load` without training code), after checking that the file, read
     back, gives the original's logits within ``tolerance``."""
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
@@ -203,13 +199,13 @@ def export_safetensors(
         raise ExportError(f"the baked model's logits differ from the original's by {diff:.3g} "
                           f"(tolerance {tolerance:g}); nothing written")
     atomic_write_bytes(path, data)
-    head = baked.head_kind
+    curvature = baked.certificate == "curvature"
     return ExportReport(
         path=path, format="safetensors", exporter="safetensors", opset=None,
         max_abs_logit_diff=diff, baked_max_abs_logit_diff=baked_diff, tolerance=tolerance,
-        lipschitz_bound=None if head == "mlp" else again.lipschitz_bound(),
-        original_lipschitz_bound=None if head == "mlp" else float(model.lipschitz_bound()),
-        certificate=_certificate(head), check_batch=batch_size,
+        lipschitz_bound=None if curvature else again.lipschitz_bound(),
+        original_lipschitz_bound=None if curvature else float(model.lipschitz_bound()),
+        certificate=baked.certificate, check_batch=batch_size,
         seconds=time.perf_counter() - start, size_bytes=len(data),
     )
 
@@ -239,9 +235,8 @@ def _bounds_metadata(baked: BakedLipNet) -> dict[str, str]:
     """The bounds at export, as a record for readers of the file. lipcert itself recomputes them
     from the graph on load and reads these only under ``bound="trust"`` for a graph it cannot
     verify."""
-    head = baked.head_kind
-    meta: dict[str, str] = {"head_kind": head, "certificate": _certificate(head)}
-    if head == "mlp":
+    meta: dict[str, str] = {"head_kind": baked.head_kind, "certificate": baked.certificate}
+    if baked.certificate == "curvature":
         return meta
     bounds = baked.layer_bounds()
     meta["lipschitz_bound"] = repr(float(baked.lipschitz_bound()))
@@ -249,7 +244,7 @@ def _bounds_metadata(baked: BakedLipNet) -> dict[str, str]:
     meta["layer_bounds"] = json.dumps([
         {"name": b.name, "kind": b.kind, "input_size": None if b.input_size is None else list(b.input_size),
          "bound": b.bound} for b in bounds])
-    if head == "lln":
+    if baked.certificate == "pairwise":
         meta["feature_lipschitz_bound"] = repr(float(baked.feature_lipschitz_bound()))
         dist = baked.head.pairwise_row_distances().to(torch.float64).cpu()
         meta["pairwise_row_distances"] = json.dumps(dist.tolist())  # floats via repr: exact
@@ -289,7 +284,7 @@ def export_onnx(
     path, tolerance = Path(path), _tolerance(tolerance)
     _check_output(path, overwrite, source)
     model, baked = _prepare(model, one_by_one)
-    if baked.head_kind == "mlp":
+    if baked.certificate == "curvature":
         raise ExportError("ONNX export of a model with an MLP head is not supported: its curvature "
                           "certificate needs the head's weights and the features, which the ONNX "
                           "graph does not expose; export it with --format safetensors")
@@ -409,7 +404,7 @@ def verify_onnx_graph(proto, path: str | Path = "<onnx>") -> BakedLipNet:
     if len(opsets) != 1 or opsets[0] not in OPSETS:
         raise CheckpointError(f"{path}: ONNX opset {opsets or 'none'}; lipcert writes one of {OPSETS[0]}-{OPSETS[-1]}")
     baked = model_from_metadata(meta, path)
-    if baked.head_kind == "mlp":
+    if baked.certificate == "curvature":
         raise CheckpointError(f"{path}: its layer plan has an MLP head, which lipcert never exports to ONNX")
     initializers = {t.name: t for t in proto.graph.initializer}
     state = {}
@@ -481,6 +476,7 @@ class _StoredBounds:
                                   "for (--lipschitz L)")
         try:
             self.head_kind = meta.get("head_kind", "ortho")
+            self.certificate = "pairwise" if self.head_kind == "lln" else "global"
             self.num_classes = int(meta["num_classes"])
             self.input_shape = tuple(int(s) for s in json.loads(meta["input_shape"]))
             self.mean = tuple(float(v) for v in json.loads(meta["mean"]))
@@ -563,7 +559,7 @@ class OnnxModel:
         self.class_names = [str(n) for n in names] if isinstance(names, list) else [str(i) for i in range(count)]
         self.head_kind = getattr(bounds, "head_kind", None)
         self.head = getattr(bounds, "head", None)
-        self.certificate = _certificate(self.head_kind) if bounds is not None else "global"
+        self.certificate = getattr(bounds, "certificate", "global")
         self.mean = getattr(bounds, "mean", None)
         self.std = getattr(bounds, "std", None)
         if bounds is not None and (tuple(bounds.input_shape) != self.input_shape
@@ -641,7 +637,7 @@ class OnnxModel:
         return float(self._need_bounds().lipschitz_bound())
 
     def feature_lipschitz_bound(self) -> float:
-        if self.head_kind != "lln":
+        if self.certificate != "pairwise":
             raise ExportError(f"{self.path}: a feature bound exists for LLN heads only")
         return float(self._need_bounds().feature_lipschitz_bound())
 

@@ -10,7 +10,7 @@ only for :func:`empirical_lower_bound`, which tells the user how tight the upper
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -27,32 +27,6 @@ def check_finite(model: nn.Module, what: str = "model") -> None:
             if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
                 raise NotLipschitzError(f"{what} has a non-finite {kind} {name!r} (NaN or inf); "
                                         "no sound bound exists, refusing to certify")
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel, inside the model so radii are in [0, 1] pixel units.
-
-    Its Lipschitz constant is exactly 1/min_c(std_c) (a diagonal map), not 1/max(std).
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        if len(mean) != len(std):
-            raise ValueError("mean and std need one value per channel")
-        if min(std) <= 0:
-            raise ValueError(f"std must be positive, got {tuple(std)}")
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-
-    def lipschitz_bound(self, input_size=None) -> float:
-        # 1/std in float64 from the stored float32 std, the value the forward divides by.
-        return float(1.0 / self.std.detach().to(torch.float64).min())
-
-    def output_size(self, size):
-        return size
 
 
 @dataclass(frozen=True)
@@ -100,9 +74,20 @@ class LipschitzNet(nn.Module):
     padding to ``padded_size`` (an isometric embedding), the chain of layers in ``body`` (named
     ``layer_names``), flattening, then ``head``.
 
-    Subclasses set ``input_shape``, ``normalize``, ``padded_size``, ``layer_names``, ``body``,
-    ``head`` and ``head_kind``.
+    Subclasses set ``input_shape``, ``normalize``, ``padded_size``, ``layer_names``, ``body`` (layers
+    of the protocol of :mod:`certify.layers.protocol`) and ``head`` (a
+    :class:`~certify.layers.protocol.Head`, which says which certificate the model supports).
     """
+
+    @property
+    def head_kind(self) -> str:
+        """The head's kind as checkpoints and exports record it (``ortho``, ``lln``, ``mlp``)."""
+        return self.head.kind
+
+    @property
+    def certificate(self) -> str:
+        """The certificate the head supports: ``global``, ``pairwise`` or ``curvature``."""
+        return self.head.certificate
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.input_shape):
@@ -136,7 +121,7 @@ class LipschitzNet(nn.Module):
     def layer_bounds(self) -> list[LayerBound]:
         """Per-layer rigorous upper bounds, normalisation first and head last."""
         bounds = self.feature_layer_bounds()
-        if self.head_kind != "mlp":  # the MLP head is certified by curvature, not by a norm
+        if self.certificate != "curvature":  # a curvature head is certified by curvature, not by a norm
             bounds.append(LayerBound("head", type(self.head).__name__, None, float(self.head.lipschitz_bound())))
         return bounds
 
@@ -147,8 +132,9 @@ class LipschitzNet(nn.Module):
 
     def lipschitz_bound(self) -> float:
         """Rigorous upper bound on the l2 Lipschitz constant of x -> logits (eval mode)."""
-        if self.head_kind == "mlp":
-            raise NotLipschitzError("an MLP head has no global Lipschitz bound; use its curvature certificate")
+        if self.certificate == "curvature":
+            raise NotLipschitzError(f"a {self.head_kind} head has no global Lipschitz bound; use its curvature "
+                                    "certificate")
         check_finite(self)
         return product(self.layer_bounds())
 

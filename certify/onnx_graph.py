@@ -32,10 +32,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
-from .activations import HouseholderOrder1, HouseholderOrder2, MaxMin
-from .baked import BakedLinearHead, BakedLipNet, BakedLLNHead, BakedMatrix, BakedSOC, BakedSOCHead
+from .baked import BakedLipNet
 from .errors import ExportError
-from .pooling import LipChannelPool, MaxChannelPool
 
 #: Version of this translation, stored as ``graph_format`` in the metadata; bump whenever
 #: :func:`build_model` writes a different graph for the same plan (old files are then refused).
@@ -89,161 +87,39 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, list(inputs), [output or name], name=name, **attrs))
         return output or name
 
+    # ---- helpers the layers' translations share (``to_onnx`` of certify.layers) ---------------
 
-# ---- layers: each returns the output and its (channels, height, width) -----------------------
+    def pixel_unshuffle(self, x: str, c: int, h: int, w: int, s: int):
+        """``F.pixel_unshuffle``: output channel ``c*s*s + i*s + j`` holds pixel (s*y + i, s*x + j)."""
+        if h % s or w % s:
+            raise ExportError(f"layer {self.scope!r}: stride {s} needs sizes divisible by it, got {(h, w)}")
+        x = self.op("Reshape", x, self.i64([-1, c, h // s, s, w // s, s]))
+        x = self.op("Transpose", x, perm=[0, 1, 3, 5, 2, 4])
+        return self.op("Reshape", x, self.i64([-1, c * s * s, h // s, w // s])), c * s * s, h // s, w // s
 
+    def channel_slice(self, x: str, start: int, end: int) -> str:
+        return self.op("Slice", x, self.i64([start]), self.i64([end]), self.i64([1]))
 
-def _pixel_unshuffle(g: _Graph, x: str, c: int, h: int, w: int, s: int):
-    """``F.pixel_unshuffle``: output channel ``c*s*s + i*s + j`` holds pixel (s*y + i, s*x + j)."""
-    if h % s or w % s:
-        raise ExportError(f"layer {g.scope!r}: stride {s} needs sizes divisible by it, got {(h, w)}")
-    x = g.op("Reshape", x, g.i64([-1, c, h // s, s, w // s, s]))
-    x = g.op("Transpose", x, perm=[0, 1, 3, 5, 2, 4])
-    return g.op("Reshape", x, g.i64([-1, c * s * s, h // s, w // s])), c * s * s, h // s, w // s
+    def per_channel(self, key: str) -> str:
+        """A (C,) tensor broadcast over (N, C, H, W), as ``view(1, -1, 1, 1)``."""
+        return self.op("Unsqueeze", self.tensor(key), self.i64([0, 2, 3]))
 
+    def atan2(self, y: str, x: str) -> str:
+        """``torch.atan2(y, x)`` in (-pi, pi]: atan(y/x), +-pi where x < 0, +-pi/2 or 0 where x == 0
+        (the division's inf or NaN there is never selected)."""
+        r = self.op("Atan", self.op("Div", y, x))
+        zero = self.f32(0.0)
+        left = self.op("Add", r, self.op("Where", self.op("GreaterOrEqual", y, zero), self.f32(math.pi),
+                                         self.f32(-math.pi)))
+        on_axis = self.op("Mul", self.op("Sign", y), self.f32(math.pi / 2))
+        return self.op("Where", self.op("Greater", x, zero), r, self.op("Where", self.op("Less", x, zero), left, on_axis))
 
-def _channel_slice(g: _Graph, x: str, start: int, end: int) -> str:
-    return g.op("Slice", x, g.i64([start]), g.i64([end]), g.i64([1]))
-
-
-def _per_channel(g: _Graph, key: str) -> str:
-    """A (C,) tensor broadcast over (N, C, H, W), as ``view(1, -1, 1, 1)``."""
-    return g.op("Unsqueeze", g.tensor(key), g.i64([0, 2, 3]))
-
-
-def _soc(g: _Graph, prefix: str, layer: BakedSOC, x: str, c: int, h: int, w: int):
-    """``BakedSOC.forward``: space-to-depth, channel padding, Horner's ``x + conv(y)/i``, slice, bias."""
-    if c != layer.in_channels:
-        raise ExportError(f"layer {g.scope!r} expects {layer.in_channels} channels, gets {c}")
-    if layer.stride > 1:
-        x, c, h, w = _pixel_unshuffle(g, x, c, h, w, layer.stride)
-    if layer.channels < c:
-        raise ExportError(f"layer {g.scope!r}: {c} input channels for a {layer.channels}-channel SOC")
-    if layer.channels > c:
-        x = g.op("Pad", x, g.i64([0, 0, 0, 0, 0, layer.channels - c, 0, 0]))
-    k, skew = layer.kernel_size, g.tensor(prefix + "skew")
-    p = k // 2
-    y = x
-    for i in range(layer.terms - 1, 0, -1):
-        conv = g.op("Conv", y, skew, kernel_shape=[k, k], pads=[p, p, p, p], strides=[1, 1], dilations=[1, 1], group=1)
-        y = g.op("Add", x, g.op("Div", conv, g.f32(i)))
-    c = layer.channels
-    if layer.out_channels < c:
-        y, c = _channel_slice(g, y, 0, layer.out_channels), layer.out_channels
-    if layer.bias is not None:
-        y = g.op("Add", y, _per_channel(g, prefix + "bias"))
-    return y, c, h, w
+    def remainder(self, x: str, m: float) -> str:
+        """``torch.remainder(x, m)`` for m > 0: ``fmod``, plus m where it is negative."""
+        mod = self.op("Mod", x, self.f32(m), fmod=1)
+        return self.op("Where", self.op("Less", mod, self.f32(0.0)), self.op("Add", mod, self.f32(m)), mod)
 
 
-def _matrix(g: _Graph, prefix: str, layer: BakedMatrix, x: str, c: int, h: int, w: int):
-    """``BakedMatrix.forward``: space-to-depth, then one 1x1 convolution by the stored matrix."""
-    if c != layer.in_channels:
-        raise ExportError(f"layer {g.scope!r} expects {layer.in_channels} channels, gets {c}")
-    if layer.stride > 1:
-        x, c, h, w = _pixel_unshuffle(g, x, c, h, w, layer.stride)
-    weight = g.op("Unsqueeze", g.tensor(prefix + "weight"), g.i64([2, 3]))
-    inputs = [x, weight] + ([g.tensor(prefix + "bias")] if layer.bias is not None else [])
-    y = g.op("Conv", *inputs, kernel_shape=[1, 1], pads=[0, 0, 0, 0], strides=[1, 1], dilations=[1, 1], group=1)
-    return y, layer.out_channels, h, w
-
-
-def _atan2(g: _Graph, y: str, x: str) -> str:
-    """``torch.atan2(y, x)`` in (-pi, pi]: atan(y/x), +-pi where x < 0, +-pi/2 or 0 where x == 0
-    (the division's inf or NaN there is never selected)."""
-    r = g.op("Atan", g.op("Div", y, x))
-    zero = g.f32(0.0)
-    left = g.op("Add", r, g.op("Where", g.op("GreaterOrEqual", y, zero), g.f32(math.pi), g.f32(-math.pi)))
-    on_axis = g.op("Mul", g.op("Sign", y), g.f32(math.pi / 2))
-    return g.op("Where", g.op("Greater", x, zero), r, g.op("Where", g.op("Less", x, zero), left, on_axis))
-
-
-def _remainder(g: _Graph, x: str, m: float) -> str:
-    """``torch.remainder(x, m)`` for m > 0: ``fmod``, plus m where it is negative."""
-    mod = g.op("Mod", x, g.f32(m), fmod=1)
-    return g.op("Where", g.op("Less", mod, g.f32(0.0)), g.op("Add", mod, g.f32(m)), mod)
-
-
-def _pairs(g: _Graph, x: str, c: int, cfg: dict) -> tuple[str, str]:
-    if c % 2 or cfg.get("channels") != c:
-        raise ExportError(f"layer {g.scope!r} is planned for {cfg.get('channels')} channels, gets {c}")
-    return _channel_slice(g, x, 0, c // 2), _channel_slice(g, x, c // 2, c)
-
-
-def _hh1(g: _Graph, prefix: str, a: str, b: str) -> str:
-    half = g.op("Div", _per_channel(g, prefix + "theta"), g.f32(2.0))
-    v1, v2 = g.op("Sin", half), g.op("Neg", g.op("Cos", half))
-    d = g.op("Mul", g.f32(2.0), g.op("Relu", g.op("Add", g.op("Mul", v1, a), g.op("Mul", v2, b))))
-    return g.op("Concat", g.op("Sub", a, g.op("Mul", d, v1)), g.op("Sub", b, g.op("Mul", d, v2)), axis=1)
-
-
-def _hh2(g: _Graph, prefix: str, a: str, b: str) -> str:
-    two_pi = 2 * math.pi
-    t0 = _per_channel(g, prefix + "theta0")
-    t1 = g.op("Clip", _per_channel(g, prefix + "theta1"), g.f32(0.0), g.f32(two_pi))
-    t2 = g.op("Clip", _per_channel(g, prefix + "theta2"), g.f32(0.0), g.f32(two_pi))
-    phi = _remainder(g, g.op("Sub", _atan2(g, b, a), g.op("Div", t0, g.f32(2.0))), two_pi)
-    s1 = g.op("Less", phi, g.op("Div", t1, g.f32(2.0)))
-    s2 = g.op("Less", phi, g.op("Div", g.op("Add", t1, t2), g.f32(2.0)))
-    s3 = g.op("Less", phi, g.op("Add", g.f32(math.pi), g.op("Div", t2, g.f32(2.0))))
-    t01 = g.op("Add", t0, t1)
-    c01, s01 = g.op("Cos", t01), g.op("Sin", t01)
-    c2, sn2 = g.op("Cos", t2), g.op("Sin", t2)
-    c0, s0 = g.op("Cos", t0), g.op("Sin", t0)
-
-    def mul(u, v):
-        return g.op("Mul", u, v)
-
-    refl1 = (g.op("Add", mul(a, c01), mul(b, s01)), g.op("Sub", mul(a, s01), mul(b, c01)))
-    rot = (g.op("Add", mul(a, c2), mul(b, sn2)), g.op("Add", mul(g.op("Neg", a), sn2), mul(b, c2)))
-    refl0 = (g.op("Add", mul(a, c0), mul(b, s0)), g.op("Sub", mul(a, s0), mul(b, c0)))
-    outs = []
-    for i, keep in enumerate((a, b)):
-        inner = g.op("Where", s3, rot[i], refl0[i])
-        outs.append(g.op("Where", s1, keep, g.op("Where", s2, refl1[i], inner)))
-    return g.op("Concat", *outs, axis=1)
-
-
-def _lip_pool(g: _Graph, prefix: str, a: str, b: str) -> str:
-    theta = g.op("Clip", _per_channel(g, prefix + "theta"), g.f32(0.0), g.f32(math.pi))
-    half = g.op("Div", theta, g.f32(2.0))
-    sin, cos = g.op("Sin", half), g.op("Cos", half)
-    phi = _remainder(g, _atan2(g, b, a), 2 * math.pi)
-    neg_a_sin = g.op("Mul", g.op("Neg", a), sin)
-    upper = g.op("Add", neg_a_sin, g.op("Mul", b, cos))
-    lower = g.op("Sub", neg_a_sin, g.op("Mul", b, cos))
-    in_upper = g.op("Less", phi, g.op("Div", g.op("Add", g.f32(math.pi), theta), g.f32(2.0)))
-    below_lower = g.op("Less", phi, g.op("Div", g.op("Sub", g.f32(3 * math.pi), theta), g.f32(2.0)))
-    in_apex = g.op("And", g.op("Not", in_upper), below_lower)
-    apex = g.op("Sqrt", g.op("Add", g.op("Mul", a, a), g.op("Mul", b, b)))
-    return g.op("Where", in_upper, upper, g.op("Where", in_apex, apex, lower))
-
-
-def _pairwise(g: _Graph, prefix: str, layer, cfg: dict, x: str, c: int, h: int, w: int):
-    a, b = _pairs(g, x, c, cfg)
-    if isinstance(layer, MaxMin):
-        return g.op("Concat", g.op("Max", a, b), g.op("Min", a, b), axis=1), c, h, w
-    if isinstance(layer, HouseholderOrder1):
-        return _hh1(g, prefix, a, b), c, h, w
-    if isinstance(layer, HouseholderOrder2):
-        return _hh2(g, prefix, a, b), c, h, w
-    if isinstance(layer, MaxChannelPool):
-        return g.op("Max", a, b), c // 2, h, w
-    if isinstance(layer, LipChannelPool):
-        return _lip_pool(g, prefix, a, b), c // 2, h, w
-    raise ExportError(f"no ONNX translation for layer {g.scope!r} ({type(layer).__name__})")
-
-
-def _head(g: _Graph, head, x: str, features: int) -> str:
-    if head.features != features:
-        raise ExportError(f"the head expects {head.features} features, gets {features}")
-    if isinstance(head, (BakedLinearHead, BakedLLNHead)):
-        inputs = [x, g.tensor("head.weight")] + ([g.tensor("head.bias")] if head.bias is not None else [])
-        return g.op("Gemm", *inputs, transB=1, output=OUTPUT_NAME)
-    if isinstance(head, BakedSOCHead):
-        x = g.op("Reshape", x, g.i64([-1, features, 1, 1]))
-        y, c, _, _ = _soc(g, "head.soc.", head.soc, x, features, 1, 1)
-        return g.op("Flatten", y, axis=1, output=OUTPUT_NAME)
-    raise ExportError(f"no ONNX translation for a {type(head).__name__} head (export it as safetensors)")
 
 
 def build_model(baked: BakedLipNet, opset: int = OPSET) -> onnx.ModelProto:
@@ -256,7 +132,7 @@ def build_model(baked: BakedLipNet, opset: int = OPSET) -> onnx.ModelProto:
     g = _Graph(baked.state_dict())
     c, h, w = (int(s) for s in baked.input_shape)
     g.scope = "normalize"
-    x = g.op("Div", g.op("Sub", INPUT_NAME, g.tensor("normalize.mean")), g.tensor("normalize.std"))
+    x, c, h, w = baked.normalize.to_onnx(g, "normalize.", INPUT_NAME, c, h, w)
     ph, pw = baked.padded_size
     if (ph, pw) != (h, w):
         if ph < h or pw < w:
@@ -264,17 +140,14 @@ def build_model(baked: BakedLipNet, opset: int = OPSET) -> onnx.ModelProto:
         g.scope = "pad"
         x = g.op("Pad", x, g.i64([0, 0, 0, 0, 0, 0, ph - h, pw - w]))
         h, w = ph, pw
-    for cfg, (key, layer) in zip(baked.plan["layers"], baked.body.items()):
-        g.scope, prefix = cfg["name"], f"body.{key}."
-        if isinstance(layer, BakedSOC):
-            x, c, h, w = _soc(g, prefix, layer, x, c, h, w)
-        elif isinstance(layer, BakedMatrix):
-            x, c, h, w = _matrix(g, prefix, layer, x, c, h, w)
-        else:
-            x, c, h, w = _pairwise(g, prefix, layer, cfg, x, c, h, w)
+    for name, (key, layer) in zip(baked.layer_names, baked.body.items()):
+        g.scope = name
+        x, c, h, w = layer.to_onnx(g, f"body.{key}.", x, c, h, w)
     g.scope = "head"
     x = g.op("Flatten", x, axis=1)
-    _head(g, baked.head, x, c * h * w)
+    if baked.head.features != c * h * w:
+        raise ExportError(f"the head expects {baked.head.features} features, gets {c * h * w}")
+    baked.head.to_onnx(g, x)
     unused = sorted(set(g.state) - g.used)
     if unused:
         raise ExportError(f"baked tensors with no place in the ONNX graph: {', '.join(unused)}")
@@ -283,6 +156,36 @@ def build_model(baked: BakedLipNet, opset: int = OPSET) -> onnx.ModelProto:
         g.nodes, "lipcert",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *shape])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", int(baked.num_classes)])],
+        initializer=g.initializers,
+    )
+    opsets = [helper.make_opsetid("", opset)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="lipcert", producer_version=__version__,
+                             ir_version=helper.find_min_ir_version_for(opsets))
+
+
+def layer_model(layer, input_shape: tuple[int, ...], opset: int = OPSET) -> onnx.ModelProto:
+    """One baked layer (a :class:`~certify.layers.protocol.LipschitzLayer`, input (N, C, H, W))
+    or head (a :class:`~certify.layers.protocol.Head`, input (N, features)) alone as an ONNX model,
+    through its own ``to_onnx``: how the conformance suite checks each layer's translation."""
+    from .layers.protocol import Head
+
+    head = isinstance(layer, Head)
+    prefix = "head." if head else "layer."
+    g = _Graph({prefix + k: v for k, v in layer.state_dict().items()})
+    g.scope = "layer"
+    if head:
+        layer.to_onnx(g, INPUT_NAME)
+        out_shape = ["batch", int(layer.num_classes)]
+    else:
+        # a dense layer (input (N, features)) is given c = features, h = w = 1 and returns (N, out)
+        c, h, w = (int(v) for v in input_shape) if len(input_shape) == 3 else (int(input_shape[0]), 1, 1)
+        y, c, h, w = layer.to_onnx(g, prefix, INPUT_NAME, c, h, w)
+        g.op("Identity", y, output=OUTPUT_NAME)
+        out_shape = ["batch", c, h, w] if len(input_shape) == 3 else ["batch", c]
+    graph = helper.make_graph(
+        g.nodes, "lipcert-layer",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *map(int, input_shape)])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, out_shape)],
         initializer=g.initializers,
     )
     opsets = [helper.make_opsetid("", opset)]

@@ -54,7 +54,7 @@ from torch import nn
 
 from . import __version__
 from .budget import BudgetPlanner
-from .certificates import STANDARD_EPS, Certifier, parse_eps
+from .certificates import STANDARD_EPS, Certifier, certify_batches, parse_eps
 from .checkpoint import atomic_write_bytes, save
 from .data import ImageDataset, augment_batch, load_dataset, to_float
 from .errors import ConfigError, LipcertError, RunFolderError
@@ -250,13 +250,14 @@ def learning_rate(cfg: TrainConfig, iteration: int, total: int) -> float:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
-    """Weight decay on the SOC filters only (the reference), or on every parameter."""
-    from .soc import SOC
+    """Weight decay on the parameters each layer names (``decay_parameters`` of the layer
+    protocol: the SOC filters, as in the reference), or on every parameter."""
+    from .layers.protocol import decay_parameters
 
-    soc_weights = {id(m.weight) for m in model.modules() if isinstance(m, SOC)}
+    chosen = {id(p) for p in decay_parameters(model)}
     decay, rest = [], []
     for p in model.parameters():
-        (decay if decay_all or id(p) in soc_weights else rest).append(p)
+        (decay if decay_all or id(p) in chosen else rest).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if rest:
         groups.append({"params": rest, "weight_decay": 0.0})
@@ -264,13 +265,11 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_all: bool = Fa
 
 
 def refresh_power_iteration(model: nn.Module, iters: int) -> None:
-    """Run ``iters`` power-iteration steps in every SOC (the paper's once-per-epoch refresh)."""
-    from .soc import SOC
+    """Every layer's after-epoch upkeep (``refresh`` of the layer protocol; SOC: ``iters``
+    power-iteration steps, the paper's once-per-epoch refresh)."""
+    from .layers.protocol import refresh_layers
 
-    if iters > 0:
-        for m in model.modules():
-            if isinstance(m, SOC):
-                m.power_iteration(iters)
+    refresh_layers(model, iters)
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -292,15 +291,11 @@ def evaluate(model: nn.Module, dataset: ImageDataset, *, batch_size: int = 128, 
     try:
         certifier = Certifier(model)
         idx_all = torch.arange(len(dataset))[rank::world]
-        correct = torch.zeros(1 + len(eps), dtype=torch.float64, device=device)
-        for start in range(0, len(idx_all), batch_size):
-            x, y = dataset.batch(idx_all[start:start + batch_size])
-            x, y = to_float(x).to(device), y.to(device)
-            _, pred, _, radius = certifier(x)
-            ok = pred == y
-            correct[0] += ok.sum()
-            for i, e in enumerate(eps):
-                correct[1 + i] += (ok & (radius > e)).sum()
+        batches = ((to_float(x), y) for x, y in (dataset.batch(idx) for idx in idx_all.split(batch_size)))
+        res = certify_batches(certifier, batches, thresholds=eps, device=device)
+        ok = res.correct
+        correct = torch.tensor([float(ok.sum())] + [float((ok & (res.radii > e)).sum()) for e in eps],
+                               dtype=torch.float64, device=device)
         total = torch.tensor([float(len(idx_all))], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(correct)
@@ -330,7 +325,7 @@ class _Dist:
 
 
 def _setup_distributed(device_spec: str) -> tuple[_Dist, torch.device]:
-    from .cli._common import resolve_device
+    from .devices import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:

@@ -19,12 +19,10 @@ from typing import Any
 
 from torch import nn
 
-from certify.activations import make_activation
 from certify.errors import ConfigError
-from certify.heads import LLNHead, OrthoHead
-from certify.lipschitz import LipschitzNet, Normalize
-from certify.pooling import make_pooling
-from certify.soc import SOC
+from certify.layers.normalize import Normalize
+from certify.layers.registry import make_layer
+from certify.lipschitz import LipschitzNet
 
 from ._registry import register_model
 
@@ -118,7 +116,6 @@ class LipConvNet(LipschitzNet):
         self.depth, self.num_classes, self.width = depth, num_classes, width
         self.input_shape = (in_channels, *_size2(input_size))
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.head_kind = head
         self.padded_size = _padded(self.input_shape[1:])
 
         soc_kw = dict(train_terms=train_terms, eval_terms=eval_terms, backward=backward,
@@ -130,24 +127,18 @@ class LipConvNet(LipschitzNet):
         for name, kind, size in specs:  # built in order: the seeded initialisation depends on it
             if kind == "soc":
                 cin, cout, k, stride = size
-                layers.append((name, SOC(cin, cout, k, stride=stride, **soc_kw)))
+                layers.append((name, make_layer("soc", cin, cout, k, stride=stride, kind="convolution", **soc_kw)))
             elif kind == "act":
-                layers.append((name, make_activation(activation, size)))
+                layers.append((name, make_layer(activation, size, kind="activation")))
             else:
-                layers.append((name, make_pooling(pooling, size)))
+                layers.append((name, make_layer(pooling, size, kind="pooling")))
         # nn.ModuleDict keys may not contain dots: the state dict reads body.block1-conv0.weight
         self.layer_names = [n for n, _ in layers]
         self.body = nn.ModuleDict({n.replace(".", "-"): m for n, m in layers})
         self.num_features = out_c * (self.padded_size[0] // 32) * (self.padded_size[1] // 32)
 
-        if head == "ortho":
-            self.head = OrthoHead(self.num_features, num_classes, **soc_kw)
-        elif head == "lln":
-            self.head = LLNHead(self.num_features, num_classes)
-        else:
-            from certify.mlp_head import MLPHead  # the curvature-certified head (issue 7)
-
-            self.head = MLPHead(self.num_features, num_classes, hidden=mlp_hidden, beta=mlp_beta)
+        head_kwargs = {"ortho": soc_kw, "lln": {}, "mlp": dict(hidden=mlp_hidden, beta=mlp_beta)}[head]
+        self.head = make_layer(head, self.num_features, num_classes, kind="head", **head_kwargs)
 
 
 def _create_lipconvnet(depth: int, **kwargs) -> LipConvNet:
@@ -156,7 +147,7 @@ def _create_lipconvnet(depth: int, **kwargs) -> LipConvNet:
 
 # ---- static facts: what `lipcert models` lists, from the configuration alone (no weights) --------
 
-#: Learnable parameters of each layer kind, as the layers define them (certify.soc, .activations,
+#: Learnable parameters of each layer kind, as the layers define them (certify.layers.soc, .activations,
 #: .pooling, .heads, .mlp_head); tests/test_cli_models.py checks them against built models.
 _ACT_PARAMS = {"maxmin": lambda c: 0, "hh1": lambda c: c // 2, "hh2": lambda c: 3 * (c // 2)}
 _POOL_PARAMS = {"max": lambda c: 0, "lip": lambda c: c // 2}

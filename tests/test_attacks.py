@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from certify import attacks as A
-from certify.activations import make_activation
+from certify.layers.activations import make_activation
 from certify.audit import audit_certificates, quantiles, summarize_audit
 from certify.certificates import Certifier
 from certify.errors import ConfigError
-from certify.heads import OrthoHead
+from certify.layers.heads import OrthoHead
 from certify.lipschitz import layer_bounds, product
-from certify.pooling import make_pooling
-from certify.soc import SOC
+from certify.layers.pooling import make_pooling
+from certify.layers.soc import SOC
 
 SHAPE = (3, 8, 8)
 
@@ -314,7 +314,8 @@ def test_audit_on_dense_fast_evaluation(tiny_model):
     """The fast evaluation path with the small-map SOC layers materialised as dense matrices (and
     certified with those matrices' exact norms): strong attacks inside every certified radius of
     a trained LipConvnet-5 find 0 violations."""
-    from certify.soc import SOC, set_eval_mode
+    from certify.layers.soc import SOC
+    from certify.layers import set_eval_mode
 
     x, y = _colour_classes(36)
     model = _train(tiny_model(width=2, num_classes=3), x, y, steps=25, lr=0.01, scale=4.0)

@@ -23,7 +23,7 @@ from certify.certificates import (
     parse_eps_list,
 )
 from certify.errors import ConfigError, DataError, NotLipschitzError
-from certify.heads import LLNHead
+from certify.layers.heads import LLNHead
 
 
 class LinearModel(nn.Module):

@@ -76,7 +76,7 @@ def test_fast_evaluation_is_the_default(ckpt):
 def _labels_from_predictions(ckpt, n=6):
     """A dataset the model classifies perfectly (labels = its predictions), so every image with a
     positive margin is certified and audited."""
-    from certify.checkpoint import load
+    from certify.loading import load
 
     model = load(ckpt)
     imgs, _ = certify.data.make_synthetic(n, (3, 32, 32), seed=3)

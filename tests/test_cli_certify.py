@@ -237,11 +237,11 @@ def test_empty_dataset(ckpt, monkeypatch):
 
 
 def test_a_model_that_is_not_lipschitz_needs_a_user_bound(ckpt, monkeypatch):
-    import certify.checkpoint
+    import certify.loading
 
     plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     plain.input_shape, plain.num_classes = (3, 32, 32), 10
-    monkeypatch.setattr(certify.checkpoint, "load_any", lambda *a, **k: plain)
+    monkeypatch.setattr(certify.loading, "load_any", lambda *a, **k: plain)
     _patch_data(monkeypatch, torch.rand(6, 3, 32, 32), torch.zeros(6, dtype=torch.long))
     one_line_error(run(ckpt, "--dataset", "synthetic"), EXIT_ERROR, "not a lipcert 1-Lipschitz model")
     r = run(ckpt, "--dataset", "synthetic", "--lipschitz", "50", "--format", "json")

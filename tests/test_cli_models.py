@@ -83,12 +83,12 @@ def test_listing_the_full_registry_builds_nothing(monkeypatch):
     """The README tour's first command: every registered model at width 32, from its config.
     Building a model or computing a bound fails the test (they cost minutes for the registry)."""
     import certify.lipschitz
-    import certify.soc
+    import certify.layers.soc
 
     def forbidden(*args, **kwargs):
         raise AssertionError("lipcert models built a model or computed a bound without --bound")
 
-    monkeypatch.setattr(certify.soc.SOC, "__init__", forbidden)
+    monkeypatch.setattr(certify.layers.soc.SOC, "__init__", forbidden)
     monkeypatch.setattr(certify.lipschitz.LipschitzNet, "lipschitz_bound", forbidden)
     for fmt in ("table", "json", "csv"):
         result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["models", "--format", fmt], catch_exceptions=False)

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 import certify.data
-from certify.checkpoint import load
+from certify.loading import load
 from certify.cli import cli
 from certify.data import dataset_for_checkpoint, load_dataset
 from certify.errors import CheckpointError

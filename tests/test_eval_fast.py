@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from certify.errors import ConfigError
-from certify.expm import (
+from certify.layers.expm import (
     chebyshev_apply,
     chebyshev_coefficients,
     chebyshev_error,
@@ -22,7 +22,8 @@ from certify.expm import (
 )
 from certify.lipschitz import empirical_lower_bound
 from certify.models import create_model
-from certify.soc import SOC, dense_conv_matrix, dense_pays_off, set_eval_mode
+from certify.layers.soc import SOC, dense_conv_matrix, dense_pays_off
+from certify.layers import set_eval_mode
 
 
 def _random_skew(n: int, norm: float, seed: int) -> torch.Tensor:
@@ -258,7 +259,7 @@ def test_certify_cli_materialises_dense_layers_when_they_pay_off(tmp_path, monke
 
     from click.testing import CliRunner
 
-    import certify.soc as soc
+    import certify.layers.soc as soc
     from certify.checkpoint import save
     from certify.cli import cli
 

@@ -18,9 +18,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from certify.baked import BakedLipNet, BakedMatrix, BakedSOC, bake, save_baked
+from certify.baked import BakedLipNet, bake, save_baked
+from certify.layers.soc import BakedMatrix, BakedSOC
 from certify.certificates import Certifier, certified_mask, certify_dataset
-from certify.checkpoint import load, load_any, save
+from certify.checkpoint import save
+from certify.loading import load, load_any
 from certify.cli import cli
 from certify.errors import CheckpointError, ExportError, NotLipschitzError
 from certify.export import BOUND_VERIFIED
@@ -114,7 +116,7 @@ def test_bake_matches_original_all_variants(head, pooling, activation):
 
 
 def test_bake_mlp_head():
-    pytest.importorskip("certify.mlp_head", reason="the MLP head (certify/mlp_head.py) has not landed")
+    pytest.importorskip("certify.layers.mlp_head", reason="the MLP head (certify/mlp_head.py) has not landed")
     model = make_model("mlp", "lip", "hh1", mlp_hidden=32)
     baked = bake(model)
     x = images(4)
@@ -130,7 +132,7 @@ def test_bake_mlp_head():
 def test_baked_model_is_inference_only():
     model = make_model("ortho", "lip", "hh2")
     baked = bake(model)
-    from certify.soc import SOC
+    from certify.layers.soc import SOC
 
     assert not any(isinstance(m, SOC) for m in baked.modules())
     assert not any(p.requires_grad for p in baked.parameters())
@@ -226,7 +228,7 @@ def test_loading_a_baked_checkpoint_needs_no_training_code(checkpoint, tmp_path)
     export_safetensors(load(checkpoint("lln", "max", "maxmin")), out)
     code = (
         "import sys, torch\n"
-        "from certify.checkpoint import load\n"
+        "from certify.loading import load\n"
         f"m = load({str(out)!r})\n"
         "m(torch.rand(2, 3, 32, 32))\n"
         "bad = [k for k in ('certify.train', 'certify.data', 'certify.attacks', 'certify.soc_train',"
@@ -519,7 +521,7 @@ def test_onnx_round_trip_variants(tmp_path, head, pooling, activation, one_by_on
 
 
 def test_onnx_export_refuses_mlp_head(tmp_path):
-    pytest.importorskip("certify.mlp_head", reason="the MLP head (certify/mlp_head.py) has not landed")
+    pytest.importorskip("certify.layers.mlp_head", reason="the MLP head (certify/mlp_head.py) has not landed")
     pytest.importorskip("onnxruntime")
     from certify.export import export_onnx
 

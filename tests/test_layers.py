@@ -15,11 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from certify.activations import HouseholderOrder1, HouseholderOrder2, MaxMin, make_activation
+from certify.layers.activations import HouseholderOrder1, HouseholderOrder2, MaxMin, make_activation
 from certify.errors import ConfigError, NotLipschitzError
-from certify.heads import LLNHead, OrthoHead
+from certify.layers.heads import LLNHead, OrthoHead
 from certify.lipschitz import layer_bounds
-from certify.pooling import LipChannelPool, MaxChannelPool, make_pooling
+from certify.layers.pooling import LipChannelPool, MaxChannelPool, make_pooling
 
 SETTINGS = settings(deadline=None, max_examples=10)
 TOL = 1 + 1e-6

@@ -14,10 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from certify.activations import MaxMin
+from certify.layers.activations import MaxMin
 from certify.errors import NotLipschitzError
-from certify.lipschitz import LayerBound, Normalize, empirical_lower_bound, layer_bounds, product, upper_bound
-from certify.soc import SOC
+from certify.layers.normalize import Normalize
+from certify.lipschitz import LayerBound, empirical_lower_bound, layer_bounds, product, upper_bound
+from certify.layers.soc import SOC
 
 
 class Chain(nn.Module):

@@ -14,7 +14,7 @@ import torch
 
 from certify.certificates import Certifier, pairwise_radius
 from certify.errors import ConfigError
-from certify.mlp_head import MLPHead, exact_pair_curvatures, softplus64
+from certify.layers.mlp_head import MLPHead, exact_pair_curvatures, softplus64
 
 
 def random_head(seed: int, features=8, hidden=16, classes=4, beta=1.0, scale=3.0) -> MLPHead:

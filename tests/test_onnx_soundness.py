@@ -21,7 +21,8 @@ from click.testing import CliRunner
 
 from certify.baked import bake
 from certify.certificates import Certifier
-from certify.checkpoint import load, load_any, save
+from certify.checkpoint import save
+from certify.loading import load, load_any
 from certify.cli import cli
 from certify.errors import CheckpointError, NotLipschitzError
 
@@ -357,12 +358,12 @@ def test_atan2_and_remainder_match_torch():
     import onnxruntime as ort
     from onnx import TensorProto
 
-    from certify.onnx_graph import _atan2, _Graph, _remainder
+    from certify.onnx_graph import _Graph
 
     g = _Graph({})
-    angle = _atan2(g, "y", "x")
+    angle = g.atan2("y", "x")
     g.op("Identity", angle, output="angle")
-    g.op("Identity", _remainder(g, g.op("Sub", angle, g.f32(1.25)), 2 * math.pi), output="rem")
+    g.op("Identity", g.remainder(g.op("Sub", angle, g.f32(1.25)), 2 * math.pi), output="rem")
     vals = [0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e30, -1e30, 3.5, -2.25]
     grid = torch.tensor([(a, b) for a in vals for b in vals], dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)

@@ -28,8 +28,8 @@ def tensors():
 @pytest.mark.parametrize("entry", sorted(REF["models"]))
 def test_old_checkpoint_gives_identical_logits_bounds_and_certificates(entry, tensors):
     from certify.certificates import Certifier
-    from certify.checkpoint import load_any
-    from certify.soc import set_eval_mode
+    from certify.loading import load_any
+    from certify.layers import set_eval_mode
 
     ref = REF["models"][entry]
     fkey, path_kind = entry.split("/")

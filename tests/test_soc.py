@@ -1,4 +1,4 @@
-"""Property tests of the SOC layer (certify.soc): shapes, orthogonality in evaluation, the sound
+"""Property tests of the SOC layer (certify.layers.soc): shapes, orthogonality in evaluation, the sound
 norm bound of the skew convolution, and the paper's fast training backward.
 
 Every test builds small layers (4 to 8 channels, maps of at most 16x16) so the module runs in a
@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from certify.errors import ConfigError
-from certify.soc import SOC, _FastSOC, skew_conv_norm_bound, taylor_series, transpose_filter
+from certify.layers.norms import skew_conv_norm_bound
+from certify.layers.soc import SOC, _FastSOC, taylor_series, transpose_filter
 
 SETTINGS = settings(deadline=None, max_examples=8)
 
@@ -421,7 +422,7 @@ def test_scaled_skew_norm_matches_the_paper():
 def test_training_on_tiny_maps_as_a_dense_matrix_matches_the_convolution(cin, cout, stride, hw, monkeypatch):
     """On 1x1 and 2x2 maps the fast-backward training path runs on the dense skew matrix: the
     same outputs, input gradients and filter gradients as the convolution path."""
-    import certify.soc as soc
+    import certify.layers.soc as soc
 
     built = []
     real = soc.dense_conv_matrix

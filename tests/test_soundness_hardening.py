@@ -13,7 +13,8 @@ from torch import nn
 from certify.certificates import CONFIRM_BAND, Certifier, certify_dataset
 from certify.errors import CheckpointError, ConfigError, NotLipschitzError
 from certify.numerics import ieee_float32, reduced_precision_state
-from certify.soc import SOC, set_eval_mode
+from certify.layers.soc import SOC
+from certify.layers import set_eval_mode
 
 
 def _x(n=6, seed=0):
@@ -58,7 +59,8 @@ def test_the_curvature_certificate_uses_the_prediction_it_is_given(tiny_model):
 # ---- 2. non-finite parameters ------------------------------------------------------------------
 
 def test_a_checkpoint_with_a_nan_angle_is_refused(tiny_model, tmp_path):
-    from certify.checkpoint import load, save
+    from certify.checkpoint import save
+    from certify.loading import load
 
     model = tiny_model(activation="hh2")
     name = next(n for n, _ in model.named_parameters() if "theta" in n or "angle" in n)
@@ -202,10 +204,10 @@ def test_fast_path_coefficients_are_float32_numbers_and_their_rounding_is_bounde
     plan = soc.eval_plan((4, 4), torch.device("cpu"), torch.float32)
     assert plan.kind == "chebyshev"
     assert all(float(torch.tensor(c, dtype=torch.float32)) == c for c in plan.coeffs)
-    from certify.expm import chebyshev_coefficients, chebyshev_error
+    from certify.layers.expm import chebyshev_coefficients, chebyshev_error
 
     # the plan's degree is the one chosen for a' = a (1 + 1e-4); find it from the coefficients
-    from certify.soc import skew_conv_norm_bound
+    from certify.layers.norms import skew_conv_norm_bound
 
     a_used = skew_conv_norm_bound(soc.skew_filter().detach(), (4, 4)) * (1 + 1e-4)
     exact = chebyshev_coefficients(a_used, plan.terms)

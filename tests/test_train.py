@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from certify.checkpoint import load, read_metadata
+from certify.checkpoint import read_metadata
+from certify.loading import load
 from certify.errors import ConfigError, RunFolderError
 from certify.train import (EPS_COLUMNS, METRIC_COLUMNS, TrainConfig, learning_rate, parameter_groups,
                            per_sample_loss, train, true_class_margin)
@@ -70,7 +71,7 @@ def test_step_and_cosine_schedules():
 
 
 def test_weight_decay_only_on_soc_filters(tiny_model):
-    from certify.soc import SOC
+    from certify.layers.soc import SOC
 
     model = tiny_model(activation="hh1", width=2)
     decay, rest = parameter_groups(model, 5e-4)

@@ -43,10 +43,11 @@ def _register_commands() -> None:
     from .attack import attack
     from .certify_cmd import certify
     from .export import export
+    from .layers import layers
     from .models import models
     from .train import demo, train
 
-    for command in (models, train, demo, certify, attack, export):
+    for command in (models, layers, train, demo, certify, attack, export):
         cli.add_command(command)
 
 

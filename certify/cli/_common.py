@@ -7,11 +7,11 @@ import os
 import sys
 
 import click
-import torch
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import ConfigError, LipcertError
+from ..devices import resolve_device  # noqa: F401  (the CLI's --device)
+from ..errors import LipcertError
 
 #: Exit codes, as documented in ``lipcert --help`` and the README.
 EXIT_OK = 0  #: success
@@ -27,25 +27,6 @@ EXIT_CODES_HELP = (
 #: Progress and logs go to stderr; results go to stdout.
 err_console = Console(stderr=True)
 out_console = Console()
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r} asked for, but no CUDA GPU is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {spec!r} does not exist ({torch.cuda.device_count()} GPU(s) found)")
-    elif device.type != "cpu":
-        raise ConfigError(f"unsupported device {spec!r}; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def show_progress(machine_readable: bool = False) -> bool:

@@ -186,7 +186,7 @@ def attack(model_file, dataset, data_dir, download, split, val_split, limit, eps
 
     from ..audit import attack_dataset
     from ..certificates import Certifier
-    from ..checkpoint import load_any
+    from ..loading import load_any
 
     machine = fmt != "table"
     eps = list(eps) or [("36/255", 36 / 255)]
@@ -201,7 +201,7 @@ def attack(model_file, dataset, data_dir, download, split, val_split, limit, eps
                             val_split=val_split, limit=limit)
 
     if eval_path == "fast":
-        from ..soc import set_eval_mode
+        from ..layers import set_eval_mode
 
         # certified below with the bound of this same path; each attack step is about three
         # forward passes (forward and backward), which the dense operators' build is weighed against

@@ -123,7 +123,7 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
     greater than eps (ties in the logits give radius 0).
     """
     from ..certificates import certify_dataset
-    from ..checkpoint import load_any
+    from ..loading import load_any
     from ..reports import evaluate_gates, rich_tables, to_csv, to_json, to_markdown, write_reports
 
     # Parameter names follow the option names so that LIPCERT_CERTIFY_FAIL_UNDER, ..._FORMAT and
@@ -138,7 +138,7 @@ def certify(model_file, dataset, data_dir, download, split, val_split, limit, ep
                             val_split=val_split, seed=seed, limit=limit)
     seed = ds.spec.seed
     if eval_path == "fast":
-        from ..soc import set_eval_mode
+        from ..layers import set_eval_mode
 
         # one forward per image: layers on small maps become dense where the build pays off
         if not isinstance(model, torch.nn.Module) or set_eval_mode(model, "fast", images=len(ds),

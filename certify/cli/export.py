@@ -47,7 +47,7 @@ def export(checkpoint, fmt, output, opset, tolerance, batch_size, seed, one_by_o
     writes for its layer plan (an edited graph is refused); a baked safetensors file directly.
     Exports run on the CPU.
     """
-    from ..checkpoint import load
+    from ..loading import load
     from ..export import export_model, require
 
     from ..errors import ExportError

@@ -191,7 +191,7 @@ def demo(output: str | None, epochs: int, seed: int, device: str, progress: bool
 
     import certify.data
     from certify.certificates import STANDARD_EPS, parse_eps
-    from certify.checkpoint import load
+    from certify.loading import load
     from certify.errors import RunFolderError
     from certify.train import TrainConfig
     from certify.train import train as run_training
@@ -211,19 +211,17 @@ def demo(output: str | None, epochs: int, seed: int, device: str, progress: bool
     train_s = time.perf_counter() - t0
 
     # Certify the best checkpoint as a user would: load it from disk, recompute the bound.
-    from certify.certificates import Certifier
+    from certify.certificates import Certifier, certify_batches
 
     model = load(run_dir / "best.safetensors", device=result.model.parameters().__next__().device)
     val = certify.data.dataset_for_checkpoint(model, "val")  # the images `lipcert certify` sees
     certifier = Certifier(model)
     x, y = val.images, val.labels
     dev = next(model.parameters()).device
-    correct = torch.zeros(0, dtype=torch.bool)
-    radii = torch.zeros(0, dtype=torch.float64)
-    for s in range(0, len(y), 256):
-        _, pred, _, r = certifier((x[s:s + 256].float() / 255).to(dev))
-        correct = torch.cat([correct, (pred.cpu() == y[s:s + 256])])
-        radii = torch.cat([radii, r.cpu()])
+    eps_values = [parse_eps(e) for e in STANDARD_EPS]
+    batches = ((x[s:s + 256].float() / 255, y[s:s + 256]) for s in range(0, len(y), 256))
+    res = certify_batches(certifier, batches, thresholds=eps_values, device=dev)
+    correct, radii = res.correct, res.radii
     from rich.table import Table
 
     table = Table(title=f"lipcert demo: {len(y)} validation images (synthetic), "

@@ -42,8 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
-from .soc import FLOAT64_SLACK
+from ..errors import ConfigError
+from .norms import FLOAT64_SLACK
+from .protocol import Head
+from .registry import register_layer
 
 EPS64 = torch.finfo(torch.float64).eps
 CERTIFICATE_MODES = ("tight", "quick")
@@ -121,7 +123,10 @@ class _Pairs:
         self.e_a3 = aw @ (rn * self.b1.abs())    # sum_h |w_h| ||W1_h|| |b1_h|
 
 
-class MLPHead(nn.Module):
+@register_layer("mlp", kind="head", reference="Singla & Feizi, Improved techniques for deterministic l2 robustness "
+                                              "(CRC-Lip), NeurIPS 2022",
+                bound="curvature certificate: exact float64 pair curvatures of W1, W2 and the features' bound")
+class MLPHead(Head):
     """One-hidden-layer softplus MLP head, certified by curvature (CRC-Lip, NeurIPS 2022).
 
     Args:
@@ -138,6 +143,7 @@ class MLPHead(nn.Module):
     """
 
     kind = "mlp"
+    certificate = "curvature"
 
     def __init__(
         self,
@@ -167,6 +173,15 @@ class MLPHead(nn.Module):
         self.fc2 = nn.Linear(hidden, num_classes)
         self._reg_vecs: torch.Tensor | None = None  # power-iteration state, not saved
         self._cache: tuple[tuple, _Pairs] | None = None
+
+    def config(self) -> dict:
+        # W1, W2 are used as they are: the baked head is a frozen copy, rebuilt from these
+        return {"features": self.features, "num_classes": self.num_classes, "hidden": self.hidden,
+                "beta": self.beta}
+
+    @classmethod
+    def examples(cls):
+        return [(cls(6, 3, hidden=8), (6,)), (cls(4, 2, hidden=5, beta=2.0), (4,))]
 
     def extra_repr(self) -> str:
         return (f"features={self.features}, hidden={self.hidden}, classes={self.num_classes}, "

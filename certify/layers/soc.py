@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError, ExportError, NotLipschitzError
+from .protocol import LipschitzLayer
+from .registry import register_layer
+from .norms import matrix_norm_bound, skew_conv_norm_bound
 from .expm import (
     chebyshev_apply,
     chebyshev_coefficients,
@@ -30,27 +33,10 @@ from .expm import (
     taylor_error,
 )
 
-# Relative slack added to every float64 norm computation, far above its rounding error (about
-# 1e-13 for the sizes used here), so that a bound stays an upper bound after rounding.
-FLOAT64_SLACK = 1e-9
-
 
 # Largest operator dimension (channels x height x width) that the fast evaluation materialises as
 # one dense matrix: its float64 build holds a few n x n matrices (512 MiB each at 8192).
 DENSE_MAX = 8192
-
-
-def _real_matrix_norm_bound(a: torch.Tensor) -> float:
-    """Upper bound on the spectral norm of a real float64 matrix: sqrt(lambda_max) of the smaller
-    Gram matrix, plus the worst-case rounding error of the Gram product (n eps ||A||_F^2 for an
-    inner dimension n) and relative slack."""
-    if a.shape[0] < a.shape[1]:
-        a = a.T  # same norm; the Gram matrix below is then the smaller one
-    gram = a.T @ a
-    n = a.shape[0]
-    rounding = n * torch.finfo(torch.float64).eps * float(a.square().sum())
-    lam = float(torch.linalg.eigvalsh(gram)[-1]) + rounding
-    return math.sqrt(max(lam, 0.0)) * (1 + FLOAT64_SLACK)
 
 
 def strided_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
@@ -96,7 +82,7 @@ def dense_pays_off(size: tuple[int, int], channels: int, kernel: int, terms: int
 
     Cost model in float32 multiply-adds: the polynomial costs ``(terms - 1) h w M^2 k^2`` per image
     (a padded convolution computes every tap), the dense operator ``n_out n_in`` per image. The
-    build costs the float64 products of n x n matrices of :func:`~certify.expm.paterson_stockmeyer`,
+    build costs the float64 products of n x n matrices of :func:`~certify.layers.expm.paterson_stockmeyer`,
     one more for the Gram matrix and about 1.5 for ``eigvalsh`` (1.4-1.8x a product's time, measured
     at n = 4096 and 8192 on a CPU), each counted twice: float64 products ran at 35 GMAC/s there,
     float32 products at 77 and the convolutions at 47 (2 threads), so the factor 2 errs towards
@@ -121,46 +107,6 @@ def taylor_series(x: torch.Tensor, skew: torch.Tensor, terms: int) -> torch.Tens
     for i in range(terms - 1, 0, -1):
         y = x + F.conv2d(y, skew, padding=pad) / i
     return y
-
-
-@torch.no_grad()
-def skew_conv_norm_bound(skew: torch.Tensor, size: tuple[int, int] | None = None) -> float:
-    """A rigorous upper bound on the l2 operator norm of the zero-padded "same" convolution by
-    the skew filter ``skew`` (M, M, k, k) on an (h, w) = ``size`` feature map.
-
-    The zero-padded convolution on an h x w map is a compression of the circular convolution on
-    an (h + k//2) x (w + k//2) map (the smallest size at which no wrapped-around tap reaches a
-    pixel of the embedded h x w map), whose norm is exactly the largest spectral norm of the
-    filter's 2-D DFT blocks (one M x M matrix per frequency). Those blocks are skew-Hermitian, so
-    their norm is the largest |eigenvalue| of a Hermitian matrix (``eigvalsh``), plus the Frobenius
-    norm of any rounding asymmetry (Weyl). A 1x1 filter is a plain matrix. Without a size, the
-    triangle inequality over the taps gives a size-free bound. All in float64, then inflated by
-    :data:`FLOAT64_SLACK`.
-    """
-    a = skew.detach().to(torch.float64)
-    m, k = a.shape[0], a.shape[-1]
-    if k == 1:
-        return _real_matrix_norm_bound(a[:, :, 0, 0])
-    if size is None:
-        taps = a.permute(2, 3, 0, 1).reshape(k * k, m, m)
-        return float(torch.linalg.matrix_norm(taps, ord=2).sum()) * (1 + FLOAT64_SLACK)
-    h, w = size
-    n_h, n_w = max(h + k // 2, k), max(w + k // 2, k)  # any size >= h + k//2 works
-    # Centre tap at index 0 so that each DFT block is exactly skew-Hermitian (a phase factor
-    # would not change the norm but would break the Hermitian computation). Blocks at -omega
-    # are the conjugates of those at omega, with the same norm, so rfft2's half suffices.
-    padded = torch.zeros(m, m, n_h, n_w, dtype=a.dtype, device=a.device)
-    padded[:, :, :k, :k] = a
-    padded = torch.roll(padded, shifts=(-(k // 2), -(k // 2)), dims=(2, 3))
-    spec = torch.fft.rfft2(padded)  # (M, M, N, N // 2 + 1) complex128
-    mats = spec.permute(2, 3, 0, 1).reshape(-1, m, m)
-    herm = 1j * mats
-    sym = 0.5 * (herm + herm.conj().transpose(-1, -2))
-    asym = 0.5 * (herm - herm.conj().transpose(-1, -2))
-    # Weyl: ||herm|| <= ||sym|| + ||asym||_F; asym is rounding noise only.
-    eig = torch.linalg.eigvalsh(sym).abs().amax(dim=-1)
-    extra = torch.linalg.matrix_norm(asym, ord="fro")
-    return float((eig + extra).max()) * (1 + FLOAT64_SLACK)
 
 
 def _apply_op(v: torch.Tensor, op: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
@@ -241,7 +187,11 @@ class _EvalPlan:
                                lambda v: F.conv2d(v, self.doubled, padding=pad))
 
 
-class SOC(nn.Module):
+@register_layer("soc", kind="convolution", reference="Singla & Feizi, Skew Orthogonal Convolutions, ICML 2021",
+                bound="taylor: 1 + a^K/K!, fast: 1 + Chebyshev error + coefficient rounding (or the float64 norm of "
+                      "a materialised operator); a = float64 eigenvalues of the skew filter's DFT blocks on the "
+                      "real map size")
+class SOC(LipschitzLayer):
     """Skew orthogonal convolution, 1-Lipschitz up to a Taylor truncation error that
     :meth:`lipschitz_bound` accounts for.
 
@@ -258,7 +208,7 @@ class SOC(nn.Module):
             ``"fast"`` caches everything that does not depend on the input and evaluates a
             Chebyshev expansion whose degree is chosen per layer from the sound norm bound so
             that the truncation error stays below ``eval_tol`` (1x1 layers become one matrix).
-            See :mod:`certify.expm`. Both are certified with their own rigorous bound.
+            See :mod:`certify.layers.expm`. Both are certified with their own rigorous bound.
         eval_tol: error tolerance of the ``"fast"`` evaluation (relative to ||exp(A)|| = 1).
 
     Two attributes, set by :func:`set_eval_mode` rather than the constructor (they describe an
@@ -454,6 +404,56 @@ class SOC(nn.Module):
         bound): a certifier recomputes its bound when they change."""
         return (self.eval_mode, self.eval_tol, self.eval_terms, self.eval_images, self.dense_max)
 
+    def output_channels(self, channels: int) -> int:
+        return self.out_channels
+
+    def decay_parameters(self):
+        yield self.weight  # the reference recipe decays the SOC filters only
+
+    def refresh(self, iters: int) -> None:
+        self.power_iteration(iters)
+
+    def set_evaluation(self, mode: str, *, tol: float | None = None, images: int | None = None,
+                       dense_max: int | None = None) -> bool:
+        if mode not in ("taylor", "fast"):
+            raise ConfigError(f"eval mode must be 'taylor' or 'fast', got {mode!r}")
+        self.eval_mode = mode
+        if tol is not None:
+            self.eval_tol = tol
+        if images is not None:
+            self.eval_images = images
+        if dense_max is not None:
+            self.dense_max = dense_max
+        self._plan = self._plan_key = None
+        return True
+
+    @torch.no_grad()
+    def bake(self, one_by_one: str = "matrix", **options) -> LipschitzLayer:
+        """The evaluation forward as fixed tensors: a 1x1 layer as ONE matrix ``exp(A)`` (computed
+        in float64 by ``torch.linalg.matrix_exp``, restricted to the channels read and kept) with
+        ``one_by_one="matrix"``, otherwise the scaled skew filter and the ``eval_terms``-term Taylor
+        series (the ``"taylor"`` path's own arithmetic, bit for bit)."""
+        if one_by_one not in ("matrix", "taylor"):
+            raise ConfigError(f"one_by_one must be 'matrix' or 'taylor', got {one_by_one!r}")
+        bias = None if self.bias is None else self.bias.detach().clone()
+        if self.kernel_size == 1 and one_by_one == "matrix":
+            out = BakedMatrix(self.in_channels, self.out_channels, self.stride, bias is not None)
+            a = self.skew_filter().detach()[:, :, 0, 0].to(torch.float64)
+            q = torch.linalg.matrix_exp(a)[: self.out_channels, : self.in_channels_eff]
+            out.weight = q.to(self.weight.dtype).contiguous()
+        else:
+            out = BakedSOC(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.channels,
+                           self.eval_terms, bias is not None)
+            out.skew = self.skew_filter().detach().clone()
+        if bias is not None:
+            out.bias = bias
+        return out.to(self.weight.device).eval()
+
+    @classmethod
+    def examples(cls):
+        return [(cls(4, 4, 3), (4, 5, 5)), (cls(2, 6, 3, stride=2), (2, 6, 6)), (cls(8, 4, 1), (8, 3, 3)),
+                (cls(3, 5, 1, stride=2), (3, 4, 4)), (cls(4, 4, 3, backward="exact"), (4, 2, 2))]
+
     def _plan_state(self) -> tuple:
         # In-place updates (optimizer steps, load_state_dict, power iteration) bump _version.
         return (self.weight._version, self.weight.data_ptr(), self.u1._version, self.u2._version,
@@ -510,7 +510,7 @@ class SOC(nn.Module):
             q = q64[: self.out_channels].to(stored).to(dtype)  # rows kept: channel slicing folded in
             if self.channels > self.in_channels_eff:  # zero-padded input channels never used
                 q = q[:, : self.in_channels_eff]
-            plan = _EvalPlan("matrix", q.contiguous(), None, _real_matrix_norm_bound(q.double()), terms)
+            plan = _EvalPlan("matrix", q.contiguous(), None, matrix_norm_bound(q.double()), terms)
         elif self._dense_fits(size, terms):
             # the same polynomial as the Chebyshev path, on the dense matrix, in few products
             q64 = paterson_stockmeyer(dense_conv_matrix(s_filter.double(), size), chebyshev_to_monomial(coeffs))
@@ -518,7 +518,7 @@ class SOC(nn.Module):
             # rows of kept output channels, columns of real input channels (channel-major order)
             q = q64[: self.out_channels * h * w, : self.in_channels_eff * h * w].to(stored).to(dtype).contiguous()
             del q64
-            plan = _EvalPlan("dense", q, None, _real_matrix_norm_bound(q.double()), terms,
+            plan = _EvalPlan("dense", q, None, matrix_norm_bound(q.double()), terms,
                              out_shape=(self.out_channels, h, w))
         else:
             bound = 1.0 + chebyshev_error(a_used, terms) + coeff_rounding
@@ -528,31 +528,154 @@ class SOC(nn.Module):
         return plan
 
 
-def set_eval_mode(model: nn.Module, mode: str, tol: float | None = None, images: int | None = None,
-                  dense_max: int | None = None) -> int:
-    """Switch every SOC layer of ``model`` to the ``"taylor"`` or ``"fast"`` evaluation path (see
-    :class:`SOC`); returns the number of layers switched. Sound either way: each layer's bound is
-    computed for the path it evaluates.
+# ---- baked forms: fixed tensors, bounded from the tensors they apply ----------------------------
 
-    ``images``: how many images (forward passes of one image) the fast path will serve; layers on
-    small maps become one dense operator where that pays for its build (:func:`dense_pays_off`).
-    ``dense_max``: the largest operator dimension to materialise (0: never)."""
-    if mode not in ("taylor", "fast"):
-        raise ConfigError(f"eval mode must be 'taylor' or 'fast', got {mode!r}")
-    if images is not None and images < 0:
-        raise ConfigError(f"images must be >= 0, got {images}")
-    if dense_max is not None and dense_max < 0:
-        raise ConfigError(f"dense_max must be >= 0, got {dense_max}")
-    count = 0
-    for m in model.modules():
-        if isinstance(m, SOC):
-            m.eval_mode = mode
-            if tol is not None:
-                m.eval_tol = tol
-            if images is not None:
-                m.eval_images = images
-            if dense_max is not None:
-                m.dense_max = dense_max
-            m._plan = m._plan_key = None
-            count += 1
-    return count
+
+@register_layer("soc_baked", kind="baked", bound="1 + a^K/K!, a from the float64 DFT-block eigenvalues of the "
+                                                 "stored skew filter on the real map size (refused unless exactly skew)")
+class BakedSOC(LipschitzLayer):
+    """A SOC with a fixed, already scaled skew filter: ``y = T_{K-1}(conv_A)(pad(s2d(x)))[:out] + b``.
+
+    The forward is the training layer's ``"taylor"`` evaluation forward (same Horner series, same
+    filter bits), so it reproduces the original's outputs exactly.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                 channels: int, terms: int, bias: bool) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1 or stride not in (1, 2) or terms < 2:
+            raise ConfigError(f"invalid baked SOC: kernel {kernel_size}, stride {stride}, terms {terms}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.channels, self.terms = kernel_size, stride, channels, terms
+        self.register_buffer("skew", torch.zeros(channels, channels, kernel_size, kernel_size))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+
+    def config(self) -> dict:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": self.kernel_size, "stride": self.stride, "channels": self.channels,
+                "terms": self.terms, "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, terms={self.terms}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.pixel_unshuffle(x, self.stride)
+        if self.channels > x.shape[1]:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.channels - x.shape[1]))
+        y = taylor_series(x, self.skew.to(x.dtype), self.terms)
+        if self.out_channels < self.channels:
+            y = y[:, : self.out_channels]
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype).view(1, -1, 1, 1)
+        return y
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return strided_size(size, self.stride)
+
+    def output_channels(self, channels: int) -> int:
+        return self.out_channels
+
+    @torch.no_grad()
+    def lipschitz_bound(self, input_size: tuple[int, int] | None = None) -> float:
+        """``1 + a^K/K!`` with ``a`` a rigorous bound on ||conv_A|| (as for the training SOC).
+
+        That bound needs ``exp(conv_A)`` orthogonal, i.e. A exactly skew. The training layer's
+        ``(W - W^T)/2`` is exactly skew in floating point (negation is exact), so a genuine bake
+        passes this check bit for bit; a file edited by hand may not, and is refused.
+        """
+        if not torch.equal(self.skew, -transpose_filter(self.skew)):
+            raise NotLipschitzError("a baked SOC filter is not exactly skew-symmetric; its weights were "
+                                    "altered after baking, and lipcert cannot bound it")
+        size = None if input_size is None else self.output_size(input_size)
+        a = skew_conv_norm_bound(self.skew, size)
+        return 1.0 + a**self.terms / math.factorial(self.terms)
+
+    def to_onnx(self, g, prefix: str, x: str, c: int, h: int, w: int):
+        """Space-to-depth, channel padding, Horner's ``x + conv(y)/i``, slice, bias."""
+        if c != self.in_channels:
+            raise ExportError(f"layer {g.scope!r} expects {self.in_channels} channels, gets {c}")
+        if self.stride > 1:
+            x, c, h, w = g.pixel_unshuffle(x, c, h, w, self.stride)
+        if self.channels < c:
+            raise ExportError(f"layer {g.scope!r}: {c} input channels for a {self.channels}-channel SOC")
+        if self.channels > c:
+            x = g.op("Pad", x, g.i64([0, 0, 0, 0, 0, self.channels - c, 0, 0]))
+        k, skew = self.kernel_size, g.tensor(prefix + "skew")
+        p = k // 2
+        y = x
+        for i in range(self.terms - 1, 0, -1):
+            conv = g.op("Conv", y, skew, kernel_shape=[k, k], pads=[p, p, p, p], strides=[1, 1], dilations=[1, 1],
+                        group=1)
+            y = g.op("Add", x, g.op("Div", conv, g.f32(i)))
+        c = self.channels
+        if self.out_channels < c:
+            y, c = g.channel_slice(y, 0, self.out_channels), self.out_channels
+        if self.bias is not None:
+            y = g.op("Add", y, g.per_channel(prefix + "bias"))
+        return y, c, h, w
+
+    @classmethod
+    def examples(cls):
+        return [(SOC(4, 4, 3).bake(), (4, 5, 5)), (SOC(2, 6, 3, stride=2).bake(), (2, 4, 4)),
+                (SOC(6, 3, 1).bake(one_by_one="taylor"), (6, 2, 2))]
+
+
+@register_layer("soc_matrix", kind="baked", bound="float64 spectral norm of the stored matrix (Gram eigvalsh + "
+                                                  "rounding); space-to-depth is a permutation")
+class BakedMatrix(LipschitzLayer):
+    """A 1x1 SOC as one matrix: ``y = Q s2d(x) + b`` with ``Q = exp(A)[:out, :in*s^2]``.
+
+    Channel zero-padding of the input only meets the first ``in*s^2`` columns of exp(A) and the
+    slice keeps its first ``out`` rows, so Q is the whole layer. Q is a block of an orthogonal
+    matrix, but the stored float32 Q is not exactly that: the bound is its own spectral norm.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, bias: bool) -> None:
+        super().__init__()
+        if stride not in (1, 2):
+            raise ConfigError(f"invalid baked matrix layer: stride {stride}")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.register_buffer("weight", torch.zeros(out_channels, in_channels * stride * stride))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+
+    def config(self) -> dict:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "stride": self.stride, "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.pixel_unshuffle(x, self.stride)
+        w = self.weight.to(x.dtype)[:, :, None, None]
+        return F.conv2d(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return strided_size(size, self.stride)
+
+    def output_channels(self, channels: int) -> int:
+        return self.out_channels
+
+    @torch.no_grad()
+    def lipschitz_bound(self, input_size=None) -> float:
+        """Exact float64 spectral norm of the stored matrix plus rounding slack (a 1x1 conv on any
+        map has the matrix's norm; space-to-depth is a permutation)."""
+        return matrix_norm_bound(self.weight.detach().to(torch.float64))
+
+    def to_onnx(self, g, prefix: str, x: str, c: int, h: int, w: int):
+        """Space-to-depth, then one 1x1 convolution by the stored matrix."""
+        if c != self.in_channels:
+            raise ExportError(f"layer {g.scope!r} expects {self.in_channels} channels, gets {c}")
+        if self.stride > 1:
+            x, c, h, w = g.pixel_unshuffle(x, c, h, w, self.stride)
+        weight = g.op("Unsqueeze", g.tensor(prefix + "weight"), g.i64([2, 3]))
+        inputs = [x, weight] + ([g.tensor(prefix + "bias")] if self.bias is not None else [])
+        y = g.op("Conv", *inputs, kernel_shape=[1, 1], pads=[0, 0, 0, 0], strides=[1, 1], dilations=[1, 1], group=1)
+        return y, self.out_channels, h, w
+
+    @classmethod
+    def examples(cls):
+        return [(SOC(8, 4, 1).bake(), (8, 3, 3)), (SOC(3, 5, 1, stride=2).bake(), (3, 4, 4))]
