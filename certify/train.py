@@ -6,14 +6,8 @@ crop (padding 4) and horizontal flips, cross-entropy. With the paper's fixes:
 
 - Model selection on a seeded VALIDATION split of the training images (``best.safetensors``, by
   certified accuracy at 36/255), never on test data.
-- Certificate regularisation (CR, Singla et al. ICLR 2022) that works:
-  ``loss = CE - gamma * mean(relu(r(x)))`` with ``r(x) = (f_y - max_{j != y} f_j) / (sqrt(2) L)``,
-  the true-class margin over the nominal Lipschitz constant ``L = 1/min(std)`` of a 1-Lipschitz
-  body (so misclassified samples contribute 0, as in the paper).
-- Offset (margin) cross-entropy: the true-class logit is lowered by ``offset`` before the softmax,
-  ``CE((f - offset * onehot(y)) / temperature, y)``. The default offset is
-  ``sqrt(2) * L * 36/255``, the margin a sample needs to be certified at 36/255 under the global
-  certificate, so the loss keeps pushing until a sample is certifiable at the first standard eps.
+- The losses of :mod:`certify.losses`: cross-entropy, certificate regularisation (CR), offset
+  cross-entropy (default offset ``sqrt(2) L 36/255``), EMMA and logit annealing.
 
 SOC power-iteration refresh as in the paper: one step per training forward (inside ``SOC``), plus
 ``power_iters`` steps for every SOC after each epoch. Every evaluation certifies the validation
@@ -58,8 +52,9 @@ from .certificates import STANDARD_EPS, Certifier, certify_batches, parse_eps
 from .checkpoint import atomic_write_bytes, save
 from .data import ImageDataset, augment_batch, load_dataset, to_float
 from .errors import ConfigError, LipcertError, RunFolderError
+from .losses import (LOSSES, default_offset, margin_lipschitz, nominal_lipschitz, per_sample_loss,  # noqa: F401
+                     true_class_margin)
 
-LOSSES = ("ce", "cr", "offset")
 SCHEDULES = ("step", "cosine")
 #: Files a training run writes; ``overwrite`` removes exactly these.
 RUN_FILES = ("config.json", "metrics.csv", "model.safetensors", "best.safetensors", "train_state.pt")
@@ -69,10 +64,11 @@ EPS_COLUMNS = tuple("val_cert_" + e.replace("/", "_") for e in STANDARD_EPS)
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_clean_acc", *EPS_COLUMNS,
                   "lipschitz_bound", "epoch_seconds", "images_per_second", "budget_used_s")
 #: Fields that define the model, the data and the random streams: a resumed run must keep them.
-IDENTITY_FIELDS = ("model", "width", "activation", "pooling", "head", "train_terms", "eval_terms", "backward",
+IDENTITY_FIELDS = ("model", "width", "depth", "layer", "activation", "pooling", "head", "train_terms", "eval_terms",
+                   "backward",
                    "mlp_hidden", "mlp_beta", "dataset", "val_split", "data_seed", "synthetic_size", "limit",
                    "val_limit", "seed", "batch_size")
-MODEL_KWARGS = ("width", "activation", "pooling", "head", "train_terms", "eval_terms", "backward",
+MODEL_KWARGS = ("width", "depth", "layer", "activation", "pooling", "head", "train_terms", "eval_terms", "backward",
                 "mlp_hidden", "mlp_beta")
 
 
@@ -89,6 +85,8 @@ class TrainConfig:
 
     model: str = "lipconvnet5"
     width: int | None = None
+    depth: int | None = None
+    layer: str | None = None
     activation: str | None = None
     pooling: str | None = None
     head: str | None = None
@@ -201,41 +199,6 @@ class TrainResult:
 
 
 # ---- pieces -------------------------------------------------------------------------------------
-
-def nominal_lipschitz(model: nn.Module) -> float:
-    """1/min(std): the Lipschitz constant of a model whose layers are all 1-Lipschitz. Used by
-    the training losses only (the certificates use the sound bound computed from the weights)."""
-    std = getattr(model, "std", None)
-    return 1.0 / min(std) if std else 1.0
-
-
-def default_offset(model: nn.Module) -> float:
-    """sqrt(2) * L * 36/255: the margin that the global certificate needs at eps = 36/255."""
-    return math.sqrt(2.0) * nominal_lipschitz(model) * EVAL_EPS[0]
-
-
-def true_class_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """f_y - max_{j != y} f_j for the TRUE class y (negative when misclassified)."""
-    true = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf"))
-    return true - others.amax(dim=1)
-
-
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str, *, gamma: float = 0.5,
-                    offset: float = 0.0, temperature: float = 1.0, lipschitz: float = 1.0) -> torch.Tensor:
-    """The training loss of each sample (see the module docstring), in float32."""
-    logits = logits.float()
-    if loss == "offset":
-        shifted = logits - offset * F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-        return F.cross_entropy(shifted / temperature, labels, reduction="none")
-    ce = F.cross_entropy(logits / temperature, labels, reduction="none")
-    if loss == "cr":
-        radius = true_class_margin(logits, labels) / (math.sqrt(2.0) * lipschitz)
-        return ce - gamma * torch.relu(radius)
-    if loss == "ce":
-        return ce
-    raise ConfigError(f"unknown loss {loss!r}; choose from {LOSSES}")
-
 
 def learning_rate(cfg: TrainConfig, iteration: int, total: int) -> float:
     """``step``: lr, x0.1 from 50% and x0.01 from 75% of the iterations (the paper's schedule);
@@ -520,7 +483,7 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
         # NHWC convolutions: 1.5x faster steps at width 8 and 1.3x at width 16 on a 1-thread CPU,
         # but slower at width 32 (LipConvnet-5, batch 128); checkpoints are saved contiguous.
         model = model.to(memory_format=torch.channels_last)
-    if cfg.loss == "offset" and cfg.offset is None:
+    if cfg.loss in ("offset", "la") and cfg.offset is None:
         cfg.offset = default_offset(model)
     lip_nominal = nominal_lipschitz(model)
     optimizer = torch.optim.SGD(parameter_groups(model, cfg.weight_decay, cfg.decay_all), lr=cfg.lr,
@@ -628,8 +591,10 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
                     g["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = net(x)
+                pairs = margin_lipschitz(model, lip_nominal) if cfg.loss == "emma" else None
                 losses = per_sample_loss(logits, y, cfg.loss, gamma=cfg.gamma, offset=cfg.offset or 0.0,
-                                         temperature=cfg.temperature, lipschitz=lip_nominal)
+                                         temperature=cfg.temperature, lipschitz=lip_nominal, pair_lipschitz=pairs,
+                                         eps=EVAL_EPS[0])
                 # Sum over this rank's share / global batch x world: DDP's gradient average then
                 # equals the gradient of the mean loss over the whole global batch.
                 loss = losses.sum() * (d.world / batch)

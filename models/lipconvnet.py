@@ -191,7 +191,7 @@ def lipconvnet_facts(depth: int, **kwargs) -> dict[str, Any]:
     else:
         hidden = a["mlp_hidden"]
         params += hidden * features + hidden + classes * hidden + classes
-    return {"family": "LipConvnet", "depth": a["depth"], "width": a["width"], "activation": a["activation"],
+    return {"family": "LipConvnet", "depth": a["depth"], "width": a["width"], "layer": "soc", "activation": a["activation"],
             "pooling": a["pooling"], "head": a["head"], "certificate": _CERTIFICATES[a["head"]],
             "num_classes": classes, "input_shape": list(input_shape), "parameters": params}
 

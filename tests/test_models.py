@@ -29,6 +29,7 @@ from certify.models import _registry
 ACTS = ("maxmin", "hh1", "hh2")
 POOLS = ("max", "lip")
 HEADS = ("ortho", "lln")
+CONVNET_HEADS = ("layer", "lln")
 DEPTHS = (5, 10, 15, 20, 25, 30, 35, 40)
 CIFAR_INV_STD = 1 / 0.2507
 
@@ -37,6 +38,8 @@ def variant(name: str) -> dict:
     """A different (activation, pooling, head) for each registered model, so that across the
     registry every option is built and bounded at least once (checked by test_variants_cover_all)."""
     i = list_models().index(name)
+    if name.startswith("convnet"):  # the CVPR'24 ConvNet: no pooling option, its own heads
+        return {"activation": ACTS[i % 3], "head": CONVNET_HEADS[(i // 2) % 2]}
     kw = {"activation": ACTS[i % 3], "pooling": POOLS[(i // 3) % 2]}
     if not name.endswith("_mlp"):
         kw["head"] = HEADS[(i // 2) % 2]
@@ -174,7 +177,7 @@ def test_variants_cover_all_options():
     for name in list_models():
         for k, v in variant(name).items():
             seen[k].add(v)
-    assert seen == {"activation": set(ACTS), "pooling": set(POOLS), "head": set(HEADS)}
+    assert seen == {"activation": set(ACTS), "pooling": set(POOLS), "head": set(HEADS) | set(CONVNET_HEADS)}
 
 
 @pytest.mark.parametrize("name", list_models())

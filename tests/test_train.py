@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from certify.checkpoint import read_metadata
@@ -249,3 +250,57 @@ def test_channels_last_trains_the_same_weights(tmp_path, reference_run):
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
     assert result.metrics[-1]["val_clean_acc"] == pytest.approx(reference_run[0].metrics[-1]["val_clean_acc"])
+
+
+# ---- EMMA and logit annealing (certify.losses) --------------------------------------------------
+
+
+def test_emma_lifts_other_logits_to_the_eps_ball_clipped_at_the_boundary():
+    from certify.losses import per_sample_loss
+
+    logits = torch.tensor([[3.0, 1.0, 2.9], [0.0, 2.0, -1.0]], requires_grad=True)
+    y = torch.tensor([0, 0])
+    k, eps = 2.0, 0.5
+    loss = per_sample_loss(logits, y, "emma", pair_lipschitz=k, eps=eps)
+    # sample 0: margins 2.0 and 0.1 -> eps_j = min(margin / K, eps) = 0.5 and 0.05: lifted by 1.0 and 0.1
+    lifted0 = torch.tensor([3.0, 2.0, 3.0])
+    # sample 1 is misclassified: class 1 is ahead (eps_j = 0, not lifted); class 2 is behind by 1.0,
+    # lifted by min(1.0 / K, eps) K = 1.0
+    lifted1 = torch.tensor([0.0, 2.0, 0.0])
+    want = F.cross_entropy(torch.stack([lifted0, lifted1]), y, reduction="none")
+    assert torch.allclose(loss, want)
+    loss.sum().backward()  # eps_j carries no gradient; K (a number here) neither
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_emma_uses_the_lln_heads_row_distances(tiny_model):
+    from certify.losses import margin_lipschitz
+
+    model = tiny_model(head="lln", width=2)
+    k = margin_lipschitz(model, 2.0)
+    w = model.head.normalized_weight().detach()
+    assert torch.allclose(k[1, 3], 2.0 * (w[1] - w[3]).norm(), rtol=1e-5)
+    k.sum().backward()  # differentiable in the head's weight, as in the reference
+    assert model.head.weight.grad is not None
+    assert margin_lipschitz(tiny_model(head="ortho", width=2), 2.0) == pytest.approx(2 * 2**0.5)
+
+
+def test_logit_annealing_is_a_focal_weighted_offset_ce():
+    from certify.losses import LA_ALPHA, LA_BETA, per_sample_loss
+
+    logits = torch.tensor([[5.0, 0.0], [0.1, 0.0]])
+    y = torch.tensor([0, 0])
+    off = per_sample_loss(logits, y, "offset", offset=0.5, temperature=0.5)
+    la = per_sample_loss(logits, y, "la", offset=0.5, temperature=0.5)
+    p = torch.exp(-off)
+    assert torch.allclose(la, 0.5 * LA_ALPHA * (1 - p) ** LA_BETA * off)
+    # a confidently certified sample stops pushing; a marginal one keeps most of its loss
+    assert la[0] / off[0] < 1e-4 < la[1] / off[1]
+
+
+@pytest.mark.parametrize("loss", ["emma", "la"])
+def test_training_with_the_new_losses_runs(loss, run_dir):
+    cfg = TrainConfig(model="lipconvnet5", width=2, dataset="synthetic", synthetic_size=60, epochs=1, batch_size=16,
+                      loss=loss, head="lln", device="cpu", output=str(run_dir), power_iters=0)
+    res = train(cfg, progress=False)
+    assert res.epochs_completed == 1 and math.isfinite(res.metrics[-1]["train_loss"])

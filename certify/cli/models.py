@@ -13,7 +13,7 @@ from rich.table import Table
 from ._common import err_console, handle_errors, out_console
 
 #: Columns of the table and the CSV (JSON has every fact).
-_COLUMNS = ("name", "depth", "width", "head", "certificate", "input_shape", "parameters")
+_COLUMNS = ("name", "depth", "width", "layer", "head", "certificate", "input_shape", "parameters")
 
 
 def _bound(name: str, width: int | None) -> dict:

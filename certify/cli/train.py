@@ -12,7 +12,7 @@ from ._common import handle_errors, out_console, resolve_device
 
 _ACTIVATIONS = ("maxmin", "hh1", "hh2")
 _POOLINGS = ("max", "lip")
-_HEADS = ("ortho", "lln", "mlp")
+_HEADS = ("ortho", "lln", "mlp", "layer")
 
 #: The demo's model and recipe: small enough for about two minutes on one CPU core.
 DEMO_CONFIG = dict(model="lipconvnet5", width=8, dataset="synthetic", synthetic_size=2500, batch_size=32,
@@ -24,9 +24,14 @@ def _model_options(f):
     opts = [
         click.option("--model", default="lipconvnet5", show_default=True, help="Registered model (see `lipcert models`)."),
         click.option("--width", type=click.IntRange(min=2), default=None, help="Base channel width (paper: 32)."),
+        click.option("--layer", default=None,
+                     help="Layer type of models that take one (convnet_*, see `lipcert layers --kind convolution`)."),
+        click.option("--depth", type=click.IntRange(min=1), default=None,
+                     help="Depth of models that take one as an option (liresnet)."),
         click.option("--activation", type=click.Choice(_ACTIVATIONS), default=None, help="Activation (default maxmin)."),
         click.option("--pooling", type=click.Choice(_POOLINGS), default=None, help="Channel pooling (default max)."),
-        click.option("--head", type=click.Choice(_HEADS), default=None, help="Last layer (default ortho)."),
+        click.option("--head", type=click.Choice(_HEADS), default=None,
+                     help="Last layer (LipConvnets: ortho, lln, mlp; default ortho. ConvNets: layer, lln; default layer)."),
         click.option("--train-terms", type=click.IntRange(min=2), default=None, help="SOC Taylor terms in training (default 6)."),
         click.option("--eval-terms", type=click.IntRange(min=2), default=None, help="SOC Taylor terms in evaluation (default 15)."),
         click.option("--backward", type=click.Choice(["fast", "exact"]), default=None,
@@ -71,11 +76,13 @@ def _model_options(f):
 @click.option("--decay-all", is_flag=True, help="Apply weight decay to every parameter.")
 @click.option("--schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True,
               help="step: lr x0.1 at 50% and 75% of the iterations (the paper); cosine: to 0.")
-@click.option("--loss", type=click.Choice(["ce", "cr", "offset"]), default="ce", show_default=True,
-              help="ce: cross-entropy; cr: CE - gamma*mean(relu(radius)); offset: CE with the true logit lowered by --offset.")
+@click.option("--loss", type=click.Choice(["ce", "cr", "offset", "emma", "la"]), default="ce", show_default=True,
+              help="ce: cross-entropy; cr: CE - gamma*mean(relu(radius)); offset: CE with the true logit lowered by "
+                   "--offset; emma: CE on the worst-case logits within 36/255 (Hu et al. 2023); la: logit annealing, "
+                   "a focal-weighted offset CE (Lai et al. 2025).")
 @click.option("--gamma", type=click.FloatRange(min=0), default=0.5, show_default=True, help="CR weight (--loss cr).")
 @click.option("--offset", type=click.FloatRange(min=0), default=None,
-              help="Logit offset for --loss offset (default sqrt(2)/min(std)*36/255, the margin certifying 36/255).")
+              help="Logit offset for --loss offset and la (default sqrt(2)/min(std)*36/255, the margin certifying 36/255).")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Logits are divided by this before the softmax.")
 @click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=None, help="Clip the gradient norm.")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ExportError
+from ..errors import ConfigError, ExportError
 from .norms import FLOAT64_SLACK, matrix_norm_bound
 from .protocol import Head
 from .registry import register_layer
@@ -26,6 +26,8 @@ from .soc import SOC, BakedSOC
                 bound="the 1x1 SOC's bound on a 1x1 map (global certificate)")
 class OrthoHead(Head):
     """Orthogonal head: a 1x1 SOC over the feature vector, first ``num_classes`` outputs kept."""
+
+    is_linear = True
 
     kind = "ortho"
     certificate = "global"
@@ -63,6 +65,8 @@ class OrthoHead(Head):
                       "distances ||w_y - w_j||")
 class LLNHead(Head):
     """Linear layer with unit-norm rows (re-normalised in every forward) and a free bias."""
+
+    is_linear = True
 
     kind = "lln"
     certificate = "pairwise"
@@ -120,6 +124,8 @@ def _gemm(g, head, x: str) -> str:
 class BakedLinearHead(Head):
     """The orthogonal head baked to one matrix: ``logits = Q phi + b``, ``Q = exp(A)[:C, :F]``."""
 
+    is_linear = True
+
     kind = "ortho"
     certificate = "global"
 
@@ -151,6 +157,8 @@ class BakedLinearHead(Head):
 @register_layer("ortho_soc_baked", kind="baked", bound="the baked 1x1 SOC's 1 + a^K/K! (global certificate)")
 class BakedSOCHead(Head):
     """The orthogonal head kept as a 1x1 Taylor-series SOC (``bake(..., one_by_one="taylor")``)."""
+
+    is_linear = True
 
     kind = "ortho"
     certificate = "global"
@@ -207,3 +215,84 @@ class BakedLLNHead(LLNHead):
     @classmethod
     def examples(cls):
         return [(LLNHead(8, 3).bake(), (8,))]
+
+
+# ---- a head made of any registered convolution ----------------------------------------------------
+
+
+@register_layer("layer_head", kind="head", reference="Prach, Brau, Buttazzo & Lampert, 1-Lipschitz Layers Compared, "
+                                                     "CVPR 2024 (the ConvNet head)",
+                bound="the wrapped 1x1 layer's own bound on a 1x1 map (keeping the first classes is a projection; "
+                      "global certificate)")
+class LayerHead(Head):
+    """features -> a 1x1 layer of any registered convolution type on (N, features, 1, 1), its
+    first ``num_classes`` outputs kept: the CVPR'24 comparison's head, in the network's own layer
+    type (for SOC it is the orthogonal head)."""
+
+    kind = "layer"
+    certificate = "global"
+
+    def __init__(self, features: int, num_classes: int, layer: str = "soc", **layer_options) -> None:
+        super().__init__()
+        from .registry import make_layer
+
+        if num_classes > features:
+            raise ConfigError(f"a layer head keeps {num_classes} of {features} features: too few features")
+        self.features, self.num_classes = features, num_classes
+        self.inner = make_layer(layer, features, features, 1, kind="convolution", **layer_options)
+        self.is_linear = self.inner.is_linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.reshape(x.shape[0], -1, 1, 1)).flatten(1)[:, : self.num_classes]
+
+    def lipschitz_bound(self, input_size=None) -> float:
+        return float(self.inner.lipschitz_bound((1, 1)))
+
+    def bake(self, **options) -> Head:
+        inner = self.inner.bake(**options)
+        out = BakedLayerHead(self.features, self.num_classes, {"type": inner.layer_type, **inner.config()})
+        out.inner, out.is_linear = inner, inner.is_linear
+        return out.eval()
+
+    @classmethod
+    def examples(cls):
+        return [(cls(8, 3), (8,)), (cls(4, 4, layer="soc", eval_mode="fast"), (4,))]
+
+
+@register_layer("layer_head_baked", kind="baked", bound="the baked 1x1 layer's own bound (global certificate)")
+class BakedLayerHead(Head):
+    """:class:`LayerHead` with its layer baked; the plan entry names the inner layer's type."""
+
+    kind = "layer"
+    certificate = "global"
+
+    def __init__(self, features: int, num_classes: int, inner: dict) -> None:
+        super().__init__()
+        from .registry import layer_class
+
+        cfg = dict(inner)
+        self.features, self.num_classes = features, num_classes
+        self.inner = layer_class(cfg.pop("type")).from_config(cfg)
+        self.is_linear = self.inner.is_linear
+
+    def config(self) -> dict:
+        return {"features": self.features, "num_classes": self.num_classes,
+                "inner": {"type": self.inner.layer_type, **self.inner.config()}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.reshape(x.shape[0], -1, 1, 1)).flatten(1)[:, : self.num_classes]
+
+    def lipschitz_bound(self, input_size=None) -> float:
+        return float(self.inner.lipschitz_bound((1, 1)))
+
+    def to_onnx(self, g, x: str) -> str:
+        from ..onnx_graph import OUTPUT_NAME
+
+        x = g.op("Reshape", x, g.i64([-1, self.features, 1, 1]))
+        y, _, _, _ = self.inner.to_onnx(g, "head.inner.", x, self.features, 1, 1)
+        y = g.op("Flatten", y, axis=1)
+        return g.op("Slice", y, g.i64([0]), g.i64([self.num_classes]), g.i64([1]), output=OUTPUT_NAME)
+
+    @classmethod
+    def examples(cls):
+        return [(LayerHead(8, 3).bake(), (8,)), (LayerHead(6, 2).bake(one_by_one="taylor"), (6,))]

@@ -23,6 +23,8 @@ def _pair(v) -> tuple[int, int]:
 class BakedConv2d(LipschitzLayer):
     """``conv2d(x, weight, bias, stride, padding)`` with zero padding and fixed tensors."""
 
+    is_linear = True
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True) -> None:
         super().__init__()
         kh, kw = _pair(kernel_size)
@@ -84,6 +86,8 @@ class BakedConv2d(LipschitzLayer):
                                                     "rounding)")
 class BakedLinear(LipschitzLayer):
     """``x @ weight.T + bias`` on (N, features) inputs (a dense layer's evaluation forward)."""
+
+    is_linear = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()

@@ -17,6 +17,8 @@ class Normalize(LipschitzLayer):
     Its Lipschitz constant is exactly 1/min_c(std_c) (a diagonal map), not 1/max(std).
     """
 
+    is_linear = True
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):

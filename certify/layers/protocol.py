@@ -43,6 +43,10 @@ class LipschitzLayer(nn.Module):
 
     #: the registered name (set by ``register_layer``)
     layer_type: ClassVar[str] = ""
+    #: whether the evaluation forward is affine in its input (its Jacobian is then the same
+    #: everywhere; the conformance suite checks the claim and checks a nonlinear layer's bound at
+    #: several points)
+    is_linear: ClassVar[bool] = False
 
     # ---- shapes -------------------------------------------------------------------------------
 
@@ -127,6 +131,7 @@ class Head(nn.Module):
     """
 
     layer_type: ClassVar[str] = ""
+    is_linear: ClassVar[bool] = False
     certificate: ClassVar[str] = "global"
     #: the head kind recorded in checkpoints and exports (``ortho``, ``lln``, ``mlp``)
     kind: ClassVar[str] = ""

@@ -217,6 +217,8 @@ class SOC(LipschitzLayer):
     operator dimension to materialise.
     """
 
+    is_linear = True
+
     def __init__(
         self,
         in_channels: int,
@@ -277,7 +279,8 @@ class SOC(LipschitzLayer):
         }
         for name, shape in shapes.items():
             self.register_buffer(name, _l2_normalize(torch.randn(shape)))
-        self.power_iteration(init_iters)
+        if self.weight.device.type != "meta":  # a meta build (shapes only, `lipcert models`) has no values
+            self.power_iteration(init_iters)
 
     def extra_repr(self) -> str:
         return (
@@ -540,6 +543,8 @@ class BakedSOC(LipschitzLayer):
     filter bits), so it reproduces the original's outputs exactly.
     """
 
+    is_linear = True
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
                  channels: int, terms: int, bias: bool) -> None:
         super().__init__()
@@ -631,6 +636,8 @@ class BakedMatrix(LipschitzLayer):
     slice keeps its first ``out`` rows, so Q is the whole layer. Q is a block of an orthogonal
     matrix, but the stored float32 Q is not exactly that: the bound is its own spectral norm.
     """
+
+    is_linear = True
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, bias: bool) -> None:
         super().__init__()
