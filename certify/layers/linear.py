@@ -128,3 +128,45 @@ class BakedLinear(LipschitzLayer):
     def examples(cls):
         gen = torch.Generator().manual_seed(0)
         return [(cls.of(torch.randn(5, 7, generator=gen), torch.randn(5, generator=gen)), (7,))]
+
+
+@register_layer("conv", kind="convolution", bound="conv_norm_bound of the weight on the real input size (NOT "
+                                                  "1-Lipschitz: an unconstrained convolution, bounded soundly)")
+class Conv2d(LipschitzLayer):
+    """An unconstrained zero-padded "same" convolution (``nn.Conv2d``'s default initialisation):
+    the speed reference of the layer comparison, and a layer whose bound is simply its operator
+    norm. Nothing keeps it 1-Lipschitz, so a network of them is certified with a bound far above 1
+    (the certificate is sound, and small)."""
+
+    is_linear = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ConfigError(f"conv needs an odd kernel size for 'same' padding, got {kernel_size}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        ref = torch.nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.weight, self.bias = ref.weight, ref.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, self.weight.to(x.dtype), b, padding=self.kernel_size // 2)
+
+    def output_channels(self, channels: int) -> int:
+        return self.out_channels
+
+    @torch.no_grad()
+    def lipschitz_bound(self, input_size=None) -> float:
+        if input_size is None:
+            raise ConfigError("a convolution's bound needs its input size")
+        return conv_norm_bound(self.weight, tuple(input_size), padding=self.kernel_size // 2)
+
+    def decay_parameters(self):
+        yield self.weight
+
+    def bake(self, **options) -> LipschitzLayer:
+        return BakedConv2d.of(self.weight, self.bias, 1, self.kernel_size // 2)
+
+    @classmethod
+    def examples(cls):
+        return [(cls(3, 4), (3, 5, 5)), (cls(4, 2, 1), (4, 3, 3))]
