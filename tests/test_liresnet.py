@@ -1,0 +1,100 @@
+"""The LiResNet model family (models/liresnet.py): layout, facts, bounds, baking, checkpoints and a
+`lipcert train` + `lipcert certify` run on a tiny size."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import certify.models.liresnet  # noqa: F401  # registers `liresnet` until models/__init__.py imports it
+from certify.baked import bake
+from certify.certificates import Certifier
+from certify.cli import cli
+from certify.errors import ConfigError
+from certify.models import create_model, model_facts
+
+TINY = dict(width=4, depth=2, features=8, input_size=16)
+
+
+def _model(seed=0, **kwargs):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return create_model("liresnet", **(TINY | kwargs))
+
+
+def test_layout_is_stem_blocks_neck_dense_and_lln_head():
+    model = _model()
+    assert model.layer_names == ["stem.conv", "stem.act", "block1.conv", "block1.act", "block2.conv", "block2.act",
+                                 "neck.down1", "neck.down2", "dense1.linear", "dense1.act", "dense2.linear",
+                                 "dense2.act"]
+    kinds = [type(m).__name__ for m in model.body.values()]
+    assert kinds[2] == "LiResNetBlock" and kinds[0] == kinds[6] == "SOC" and kinds[8] == "CholeskyLinear"
+    assert model.body["block1-conv"].tracked_size() == (8, 8)  # after the stride-2 stem
+    assert model.certificate == "pairwise" and model.head.features == 8
+    assert model(torch.rand(3, 3, 16, 16)).shape == (3, 10)
+    assert _model(input_size=12).padded_size == (16, 16)  # padded to a multiple of 8
+
+
+def test_facts_describe_the_built_model():
+    facts = model_facts("liresnet", **TINY)
+    model = _model()
+    assert facts["parameters"] == sum(p.numel() for p in model.parameters())
+    assert facts | {"parameters": 0} == facts | dict(family="LiResNet", depth=2, width=4, head="lln",
+                                                     certificate="pairwise", num_classes=10, input_shape=[3, 16, 16],
+                                                     layer="liresnet", parameters=0)
+    defaults = model_facts("liresnet")
+    assert (defaults["depth"], defaults["width"]) == (6, 32)
+
+
+@pytest.mark.parametrize("kwargs,message", [(dict(head="ortho"), "LLN"), (dict(depth=0), "depth"),
+                                            (dict(width=5), "width"), (dict(pooling="max"), "pooling")])
+def test_invalid_options_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        create_model("liresnet", **(TINY | kwargs))
+
+
+def test_after_an_epoch_refresh_the_body_is_certified_near_one_and_bakes_and_reloads_exactly():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.rand(8, 3, 16, 16)
+    model.train()
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(x), torch.arange(8) % 10)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for m in model.modules():
+        if hasattr(m, "refresh") and m is not model:
+            m.refresh(5)
+    model.eval()
+    nominal = 1 / min(model.std)
+    bounds = {b.name: b.bound for b in model.layer_bounds()}
+    assert all(bounds[f"block{i}.conv"] <= 1.0 for i in (1, 2))
+    assert model.feature_lipschitz_bound() <= nominal * (1 + 1e-5)
+    cert = Certifier(model)
+    _, _, _, radius = cert(x)
+    assert torch.isfinite(radius).all()
+    baked = bake(model)
+    with torch.no_grad():
+        assert torch.allclose(baked(x), model(x), atol=1e-5)
+    assert math.isclose(baked.feature_lipschitz_bound(), model.feature_lipschitz_bound(), rel_tol=1e-6)
+    again = _model(seed=1)
+    again.load_state_dict(model.state_dict(), strict=True)  # fixed-shape buffers: a checkpoint fits
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model(x))
+
+
+def test_lipcert_train_then_certify_on_a_tiny_size(tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--model", "liresnet", "--width", "4", "--depth", "1", "--synthetic-size",
+                                 "40", "--batch-size", "12", "--epochs", "1", "--power-iters", "2", "--device", "cpu",
+                                 "--no-progress", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["model"] == "liresnet"
+    r = CliRunner().invoke(cli, ["certify", str(out / "model.safetensors"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "pairwise" in r.stdout and "36/255" in r.stdout
