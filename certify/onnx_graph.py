@@ -54,6 +54,8 @@ class _Graph:
         self.used: set[str] = set()
         self._consts: dict = {}
         self.scope = "model"
+        # after a dense layer the values are (N, features): per-channel tensors broadcast as (1, C)
+        self.flat = False
 
     def tensor(self, key: str) -> str:
         """A baked tensor as an initializer named by its state-dict key."""
@@ -101,8 +103,9 @@ class _Graph:
         return self.op("Slice", x, self.i64([start]), self.i64([end]), self.i64([1]))
 
     def per_channel(self, key: str) -> str:
-        """A (C,) tensor broadcast over (N, C, H, W), as ``view(1, -1, 1, 1)``."""
-        return self.op("Unsqueeze", self.tensor(key), self.i64([0, 2, 3]))
+        """A (C,) tensor broadcast over (N, C, H, W), as ``view(1, -1, 1, 1)``; over (N, C) after a
+        dense layer (:attr:`flat`)."""
+        return self.op("Unsqueeze", self.tensor(key), self.i64([0] if self.flat else [0, 2, 3]))
 
     def atan2(self, y: str, x: str) -> str:
         """``torch.atan2(y, x)`` in (-pi, pi]: atan(y/x), +-pi where x < 0, +-pi/2 or 0 where x == 0
@@ -179,6 +182,7 @@ def layer_model(layer, input_shape: tuple[int, ...], opset: int = OPSET) -> onnx
     else:
         # a dense layer (input (N, features)) is given c = features, h = w = 1 and returns (N, out)
         c, h, w = (int(v) for v in input_shape) if len(input_shape) == 3 else (int(input_shape[0]), 1, 1)
+        g.flat = len(input_shape) != 3
         y, c, h, w = layer.to_onnx(g, prefix, INPUT_NAME, c, h, w)
         g.op("Identity", y, output=OUTPUT_NAME)
         out_shape = ["batch", c, h, w] if len(input_shape) == 3 else ["batch", c]

@@ -106,8 +106,8 @@ def test_listing_the_full_registry_builds_nothing(monkeypatch):
     rows = json.loads(_run("--format", "json").output)
     assert all(r["width"] == 32 and r["input_shape"] == [3, 32, 32] for r in rows if r["family"] == "LipConvnet")
     assert {r["width"] for r in rows if r["family"] == "ConvNet"} == {16, 32, 64, 128}
-    assert {r["certificate"] for r in rows} == {"global", "curvature"}
-    assert {r["layer"] for r in rows} == {"soc"}
+    assert {r["certificate"] for r in rows} == {"global", "curvature", "pairwise"}  # liresnet: LLN head
+    assert {r["layer"] for r in rows} == {"soc", "liresnet"}
 
 
 def test_csv_has_one_row_per_model():

@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import certify.models.liresnet  # noqa: F401  # registers `liresnet` until models/__init__.py imports it
 from certify.baked import bake
 from certify.certificates import Certifier
 from certify.cli import cli
@@ -98,3 +97,25 @@ def test_lipcert_train_then_certify_on_a_tiny_size(tmp_path):
     r = CliRunner().invoke(cli, ["certify", str(out / "model.safetensors"), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "pairwise" in r.stdout and "36/255" in r.stdout
+
+
+@pytest.mark.parametrize("activation", ["hh1", "hh2"])
+def test_onnx_export_with_angle_activations_after_the_dense_layers(activation, tmp_path):
+    """Per-channel parameters after a dense layer broadcast over (N, features), not (N, C, 1, 1):
+    the export must agree with PyTorch (it failed in onnxruntime before)."""
+    pytest.importorskip("onnxruntime")
+    from certify.checkpoint import save
+    from certify.export import export_onnx
+    from certify.loading import load_any
+
+    torch.manual_seed(0)
+    model = create_model("liresnet", width=8, depth=1, activation=activation).eval()
+    with torch.no_grad():  # angles away from their initialisation, so both branches are used
+        for name, p in model.named_parameters():
+            if "theta" in name:
+                p.uniform_(0, 6.28)
+    save(tmp_path / "m.safetensors", model)
+    export_onnx(load_any(tmp_path / "m.safetensors"), tmp_path / "m.onnx")
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(load_any(tmp_path / "m.onnx")(x), model(x), atol=1e-4)

@@ -364,6 +364,7 @@ class _CPLDenseForward(LipschitzLayer):
         if c * h * w != self.features:
             raise ExportError(f"layer {g.scope!r} expects {self.features} features, gets {c * h * w}")
         x = g.op("Flatten", x, axis=1)
+        g.flat = True  # from here on the values are (N, features)
         weight = g.tensor(prefix + "weight")
         inputs = [x, weight] + ([g.tensor(prefix + "bias")] if self.bias is not None else [])
         res = g.op("Relu", g.op("Gemm", *inputs, transB=1))

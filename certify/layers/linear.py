@@ -121,6 +121,7 @@ class BakedLinear(LipschitzLayer):
         if c * h * w != self.in_features:
             raise ExportError(f"layer {g.scope!r} expects {self.in_features} features, gets {c * h * w}")
         x = g.op("Flatten", x, axis=1)
+        g.flat = True  # from here on the values are (N, features)
         inputs = [x, g.tensor(prefix + "weight")] + ([g.tensor(prefix + "bias")] if self.bias is not None else [])
         return g.op("Gemm", *inputs, transB=1), self.out_features, 1, 1
 

@@ -369,6 +369,7 @@ class BakedSLLDense(LipschitzLayer):
         if c * h * w != self.features:
             raise ExportError(f"layer {g.scope!r} expects {self.features} features, gets {c * h * w}")
         x = g.op("Flatten", x, axis=1)
+        g.flat = True  # from here on the values are (N, features)
         weight = g.tensor(prefix + "weight")
         y = g.op("Gemm", x, weight, g.tensor(prefix + "bias"), transB=1)
         y = g.op("Mul", g.op("Relu", y), g.tensor(prefix + "scale"))
