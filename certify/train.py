@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
@@ -52,8 +51,7 @@ from .certificates import STANDARD_EPS, Certifier, certify_batches, parse_eps
 from .checkpoint import atomic_write_bytes, save
 from .data import ImageDataset, augment_batch, load_dataset, to_float
 from .errors import ConfigError, LipcertError, RunFolderError
-from .losses import (LOSSES, default_offset, margin_lipschitz, nominal_lipschitz, per_sample_loss,  # noqa: F401
-                     true_class_margin)
+from .losses import LOSSES, default_offset, margin_lipschitz, nominal_lipschitz, per_sample_loss
 
 SCHEDULES = ("step", "cosine")
 #: Files a training run writes; ``overwrite`` removes exactly these.

@@ -31,7 +31,7 @@ from certify.layers.registry import layer_info, make_layer
 from certify.lipschitz import LipschitzNet
 
 from ._registry import register_model
-from .lipconvnet import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, _size2
+from .lipconvnet import _size2, input_normalisation
 
 #: base width of each size (the paper's DEFAULT_MODELS)
 SIZES = {"xs": 16, "s": 32, "m": 64, "l": 128}
@@ -76,15 +76,10 @@ class ConvNet(LipschitzNet):
     ) -> None:
         super().__init__()
         _check(width, layer, head, num_classes, in_channels, input_size, layers_per_block)
-        if mean is None or std is None:
-            mean, std = (CIFAR_MEAN, CIFAR_STD) if in_channels == 3 else (MNIST_MEAN * in_channels,
-                                                                          MNIST_STD * in_channels)
-        if len(mean) != in_channels or len(std) != in_channels:
-            raise ConfigError(f"mean/std need {in_channels} values, got {len(mean)}/{len(std)}")
+        self.mean, self.std = input_normalisation(in_channels, mean, std)
         self.width, self.layer, self.num_classes = width, layer, num_classes
         self.depth = 1 + BLOCKS * layers_per_block  # convolutions before the head
         self.input_shape = (in_channels, *_size2(input_size))
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.padded_size = (32, 32)
         self.normalize = Normalize(self.mean, self.std)
         options = dict(layer_options or {})

@@ -41,6 +41,16 @@ def _size2(size: int | Sequence[int]) -> tuple[int, int]:
     return (int(h), int(w))
 
 
+def input_normalisation(in_channels: int, mean: Sequence[float] | None, std: Sequence[float] | None):
+    """The per-channel mean and std of a model's input normalisation: the given ones, or CIFAR's
+    for 3 channels and MNIST's otherwise; one value per channel."""
+    if mean is None or std is None:
+        mean, std = (CIFAR_MEAN, CIFAR_STD) if in_channels == 3 else (MNIST_MEAN * in_channels, MNIST_STD * in_channels)
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ConfigError(f"mean/std need {in_channels} values, got {len(mean)}/{len(std)}")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
 def _padded(size: tuple[int, int]) -> tuple[int, int]:
     """The input size rounded up to a multiple of 32 (the zero padding after normalisation)."""
     return (-(-size[0] // 32) * 32, -(-size[1] // 32) * 32)
@@ -108,14 +118,9 @@ class LipConvNet(LipschitzNet):
     ) -> None:
         super().__init__()
         _check_config(depth, head, num_classes, width)
-        if mean is None or std is None:
-            mean, std = (CIFAR_MEAN, CIFAR_STD) if in_channels == 3 else (
-                MNIST_MEAN * in_channels, MNIST_STD * in_channels)
-        if len(mean) != in_channels or len(std) != in_channels:
-            raise ConfigError(f"mean/std need {in_channels} values, got {len(mean)}/{len(std)}")
+        self.mean, self.std = input_normalisation(in_channels, mean, std)
         self.depth, self.num_classes, self.width = depth, num_classes, width
         self.input_shape = (in_channels, *_size2(input_size))
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.padded_size = _padded(self.input_shape[1:])
 
         soc_kw = dict(train_terms=train_terms, eval_terms=eval_terms, backward=backward,

@@ -43,7 +43,7 @@ from certify.layers.registry import make_layer
 from certify.lipschitz import LipschitzNet
 
 from ._registry import register_model
-from .lipconvnet import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, _size2
+from .lipconvnet import _size2, input_normalisation
 
 #: the side of the padded input must be a multiple of this (stem stride 2, neck stride 4)
 REDUCTION = 8
@@ -121,14 +121,9 @@ class LiResNet(LipschitzNet):
     ) -> None:
         super().__init__()
         _check(depth, width, features, dense_layers, head, num_classes)
-        if mean is None or std is None:
-            mean, std = (CIFAR_MEAN, CIFAR_STD) if in_channels == 3 else (MNIST_MEAN * in_channels,
-                                                                          MNIST_STD * in_channels)
-        if len(mean) != in_channels or len(std) != in_channels:
-            raise ConfigError(f"mean/std need {in_channels} values, got {len(mean)}/{len(std)}")
+        self.mean, self.std = input_normalisation(in_channels, mean, std)
         self.depth, self.width, self.num_classes = depth, width, num_classes
         self.input_shape = (in_channels, *_size2(input_size))
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.padded_size = _padded(self.input_shape[1:])
         self.normalize = Normalize(self.mean, self.std)
 

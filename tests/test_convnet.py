@@ -3,6 +3,8 @@ the same network, sound bounds, baking and export, the static facts `lipcert mod
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -95,3 +97,45 @@ def test_every_registered_convolution_trains_in_the_convnet(layer):
     opt.step()
     m.eval()
     assert empirical_lower_bound(m, x[:2], iters=3) <= m.lipschitz_bound() * (1 + 1e-6)
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from certify.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _end_to_end(layer: str, tmp_path):
+    """`lipcert train` -> `certify` -> `attack --audit` -> `export` (ONNX) -> `certify` the ONNX file."""
+    run = tmp_path / "run"
+    r = _cli("train", "--model", "convnet_xs", "--width", "4", "--layer", layer, "--head", "lln", "--dataset",
+             "synthetic", "--synthetic-size", "48", "--val-split", "16", "--batch-size", "16", "--epochs", "1",
+             "--power-iters", "0", "--device", "cpu", "--no-progress", "-o", run)
+    assert r.exit_code == 0, r.output
+    ckpt = run / "best.safetensors"
+    r = _cli("certify", ckpt, "--format", "json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["certificate"]["method"] == "pairwise"
+    r = _cli("attack", ckpt, "--audit", "--steps", "3", "--limit", "8", "--format", "json", "--device", "cpu")
+    assert r.exit_code == 0, r.output  # exit 3 would be a certificate violation
+    assert json.loads(r.stdout)["audit"]["violations"] == 0
+    pytest.importorskip("onnxruntime")
+    r = _cli("export", ckpt, "--format", "onnx", "-o", tmp_path / "m.onnx")
+    assert r.exit_code == 0, r.output
+    r = _cli("certify", tmp_path / "m.onnx", "--format", "json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    onnx_summary = json.loads(r.stdout)
+    assert onnx_summary["counts"] == summary["counts"]
+
+
+def test_a_non_soc_layer_trains_certifies_audits_and_exports_from_the_cli(tmp_path):
+    _end_to_end("aol", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", [n for n in list_layers("convolution") if not n.startswith("example")])
+def test_every_layer_trains_certifies_audits_and_exports_from_the_cli(layer, tmp_path):
+    _end_to_end(layer, tmp_path)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from certify.checkpoint import read_metadata
 from certify.loading import load
 from certify.errors import ConfigError, RunFolderError
-from certify.train import (EPS_COLUMNS, METRIC_COLUMNS, TrainConfig, learning_rate, parameter_groups,
-                           per_sample_loss, train, true_class_margin)
+from certify.losses import per_sample_loss, true_class_margin
+from certify.train import EPS_COLUMNS, METRIC_COLUMNS, TrainConfig, learning_rate, parameter_groups, train
 
 #: A run small enough for a loaded 2-core machine: ~36 training and 4 validation images.
 TINY = dict(model="lipconvnet5", width=2, dataset="synthetic", synthetic_size=40, batch_size=12,
