@@ -63,7 +63,7 @@ METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_clean_acc", *EP
                   "lipschitz_bound", "epoch_seconds", "images_per_second", "budget_used_s")
 #: Fields that define the model, the data and the random streams: a resumed run must keep them.
 IDENTITY_FIELDS = ("model", "width", "depth", "layer", "activation", "pooling", "head", "train_terms", "eval_terms",
-                   "backward",
+                   "backward", "model_options",
                    "mlp_hidden", "mlp_beta", "dataset", "val_split", "data_seed", "synthetic_size", "limit",
                    "val_limit", "seed", "batch_size")
 MODEL_KWARGS = ("width", "depth", "layer", "activation", "pooling", "head", "train_terms", "eval_terms", "backward",
@@ -85,6 +85,7 @@ class TrainConfig:
     width: int | None = None
     depth: int | None = None
     layer: str | None = None
+    model_options: dict[str, Any] | None = None  # any other keyword argument of the model builder
     activation: str | None = None
     pooling: str | None = None
     head: str | None = None
@@ -156,7 +157,12 @@ class TrainConfig:
         return self
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in MODEL_KWARGS if getattr(self, k) is not None}
+        kwargs = {k: getattr(self, k) for k in MODEL_KWARGS if getattr(self, k) is not None}
+        for k, v in (self.model_options or {}).items():
+            if k in kwargs:
+                raise ConfigError(f"model option {k!r} is given twice (it has its own command-line option)")
+            kwargs[k] = v
+        return kwargs
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":

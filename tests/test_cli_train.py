@@ -99,3 +99,26 @@ def test_demo_writes_a_fresh_folder_and_prints_the_table(tmp_path, monkeypatch):
         assert col in r.stdout
     r = run("demo", "--epochs", "1", "--output", tmp_path / "lipcert-demo-1")
     assert r.exit_code == 1 and "already has files" in r.stderr
+
+
+def test_model_options_reach_the_builder_and_the_checkpoint(tmp_path):
+    from certify.loading import load
+
+    out = tmp_path / "run"
+    r = run("train", "--model", "liresnet", "--width", "4", "--depth", "1", "--model-option", "features=16",
+            "--model-option", "dense_layers=1", "--synthetic-size", "40", "--batch-size", "8", "--epochs", "1",
+            "--device", "cpu", "--no-progress", "--output", out)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["model_options"] == {"features": 16, "dense_layers": 1}
+    model = load(out / "best.safetensors")
+    assert model.model_kwargs["features"] == 16 and model.model_kwargs["dense_layers"] == 1
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--model-option", "features"], 2, "KEY=VALUE"),
+    (["--width", "4", "--model-option", "width=8"], 1, "given twice"),
+    (["--model-option", "no_such_option=1"], 1, "no_such_option"),
+])
+def test_bad_model_options_are_refused(args, code, message, tmp_path):
+    r = run("train", *TINY, "--epochs", "1", *args, "--output", tmp_path / "run")
+    assert r.exit_code == code and message in r.output

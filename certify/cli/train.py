@@ -20,6 +20,22 @@ DEMO_CONFIG = dict(model="lipconvnet5", width=8, dataset="synthetic", synthetic_
 DEMO_EPOCHS = 6
 
 
+def _parse_model_options(ctx, param, values):
+    """``KEY=VALUE`` pairs as a dict (VALUE parsed as JSON where it is JSON), or None when none given."""
+    import json
+
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out or None
+
+
 def _model_options(f):
     opts = [
         click.option("--model", default="lipconvnet5", show_default=True, help="Registered model (see `lipcert models`)."),
@@ -28,6 +44,10 @@ def _model_options(f):
                      help="Layer type of models that take one (convnet_*, see `lipcert layers --kind convolution`)."),
         click.option("--depth", type=click.IntRange(min=1), default=None,
                      help="Depth of models that take one as an option (liresnet)."),
+        click.option("--model-option", "model_options", multiple=True, callback=_parse_model_options,
+                     metavar="KEY=VALUE",
+                     help="Any other option of the model builder (VALUE as JSON, else a string), repeatable: "
+                          "--model-option features=256 --model-option 'layer_options={\"eval_terms\": 10}'."),
         click.option("--activation", type=click.Choice(_ACTIVATIONS), default=None, help="Activation (default maxmin)."),
         click.option("--pooling", type=click.Choice(_POOLINGS), default=None, help="Channel pooling (default max)."),
         click.option("--head", type=click.Choice(_HEADS), default=None,
