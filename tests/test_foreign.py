@@ -1,0 +1,261 @@
+"""certify.foreign: sound Lipschitz bounds of modules lipcert did not build (torch.fx graph walk).
+
+Every accepted model: the bound is >= the exact float64 Jacobian spectral norm at random points.
+Every op that cannot be bounded soundly is refused with a message naming the node and the op.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certify.errors import NotLipschitzError
+from certify.foreign import GELU_LIPSCHITZ, bound_module
+from certify.layers.norms import conv_norm_lower
+
+
+def jacobian_norm(model: nn.Module, shape, points: int = 4, seed: int = 0) -> float:
+    """max over random points of ||J(x)||_2, float64, by the dense Jacobian."""
+    m = copy.deepcopy(model).double().eval()
+    gen = torch.Generator().manual_seed(seed)
+    best = 0.0
+    for _ in range(points):
+        x = torch.randn(1, *shape, generator=gen, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(m, x)
+        mat = jac.reshape(-1, x.numel())
+        best = max(best, float(torch.linalg.matrix_norm(mat, ord=2)))
+    return best
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen))
+            m.running_var.copy_(torch.rand(c, generator=gen) * 2 + 0.05)
+            m.weight.data.copy_(torch.randn(c, generator=gen))
+            m.bias.data.copy_(torch.randn(c, generator=gen))
+    return model.eval()
+
+
+def plain_cnn():
+    torch.manual_seed(0)
+    return randomise_bn(nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1), nn.Flatten(),
+        nn.Dropout(0.3), nn.Linear(8 * 4 * 4, 10)))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        out = x + self.c2(torch.relu(self.c1(x)))
+        out = F.relu(out)
+        return self.head(out.mean((2, 3)))
+
+
+class Geometry(nn.Module):
+    """Strided, dilated, grouped, functional convs and average pools."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4)
+        self.w = nn.Parameter(torch.randn(6, 8, 1, 1) * 0.3)
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1)
+        self.gpool = nn.AdaptiveAvgPool2d((3, 2))
+        self.fc = nn.Linear(6 * 3 * 2, 4)
+
+    def forward(self, x):
+        x = F.gelu(self.a(x))
+        x = torch.tanh(self.b(x)) * 0.5
+        x = F.conv2d(x, self.w, None, 1, 0)
+        x = self.gpool(self.pool(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 2, 1)
+        self.pool = nn.MaxPool2d(3, stride=1, padding=1)  # overlapping windows: factor 3
+        self.fc = nn.Linear(6 * 6 * 6, 3)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), torch.sigmoid(self.b(x))], dim=1)
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+@pytest.mark.parametrize("build, shape", [(plain_cnn, (3, 8, 8)), (Residual, (4, 6, 6)),
+                                          (Geometry, (3, 9, 9)), (Branches, (3, 6, 6))],
+                         ids=["conv-bn-relu-pool", "residual", "stride-dilation-groups-avgpool", "cat-maxpool"])
+def test_bound_is_above_the_exact_jacobian_norm(build, shape):
+    torch.manual_seed(1)
+    model = build().eval()
+    result = bound_module(model, shape)
+    exact = jacobian_norm(model, shape)
+    assert result.method == "fx-graph"
+    assert result.lipschitz >= exact
+    assert result.layers and all(b.bound > 0 for b in result.layers)
+    print(f"{build.__name__}: bound {result.lipschitz:.4g}, exact at random points {exact:.4g}, "
+          f"ratio {result.lipschitz / exact:.3g}")
+
+
+def test_a_folded_conv_bn_is_bounded_nearly_exactly():
+    """One linear layer: the Jacobian is the map itself, so the bound is its norm up to the conv
+    bound's circular embedding (a product over several layers is looser: ||AB|| <= ||A|| ||B||)."""
+    torch.manual_seed(0)
+    model = randomise_bn(nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), nn.Flatten()))
+    result = bound_module(model, (2, 8, 8))
+    exact = jacobian_norm(model, (2, 8, 8), points=1)
+    assert exact <= result.lipschitz <= 1.3 * exact
+    print(f"folded conv+BN: bound / exact = {result.lipschitz / exact:.4f}")
+
+
+def test_batchnorm_folding_is_tighter_than_the_product_and_still_sound():
+    model = plain_cnn()
+    folded = bound_module(model, (3, 8, 8))
+    unfolded = bound_module(model, (3, 8, 8), fold_batchnorm=False)
+    exact = jacobian_norm(model, (3, 8, 8))
+    assert exact <= folded.lipschitz <= unfolded.lipschitz
+    assert [b.kind for b in folded.layers].count("Conv2d+BatchNorm2d") == 2
+    assert "BatchNorm2d" in [b.kind for b in unfolded.layers]
+    print(f"folded {folded.lipschitz:.4g} unfolded {unfolded.lipschitz:.4g} exact {exact:.4g}")
+
+
+def test_pool_and_activation_factors():
+    result = bound_module(Branches().eval(), (3, 6, 6))
+    kinds = {b.kind: b.bound for b in result.layers}
+    assert kinds["MaxPool2d"] == pytest.approx(3.0)  # a pixel is in 3 x 3 windows
+    assert kinds["sigmoid"] == 0.25
+    res = bound_module(nn.Sequential(nn.MaxPool2d(2), nn.Flatten()), (1, 4, 4))
+    assert res.lipschitz == pytest.approx(1.0)  # non-overlapping windows
+
+
+def test_gelu_constant_is_the_sup_of_its_derivative():
+    x = torch.linspace(-10, 10, 2_000_001, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(F.gelu(x).sum(), x)
+    assert float(grad.abs().max()) <= GELU_LIPSCHITZ < float(grad.abs().max()) + 1e-6
+    assert GELU_LIPSCHITZ == pytest.approx(1.1289, abs=1e-4)
+
+
+def test_spectral_norm_underestimates_a_convolution_and_the_bound_does_not():
+    """Spectral normalisation divides a conv weight by the norm of its (out, in k k) reshape (by
+    power iteration): the conv operator's true norm is larger, so a product of 1s is no bound."""
+    torch.manual_seed(0)
+    sn = torch.nn.utils.parametrizations.spectral_norm
+    model = nn.Sequential(sn(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU(), sn(nn.Conv2d(8, 8, 3, padding=1)),
+                          nn.ReLU(), nn.Flatten(), sn(nn.Linear(8 * 6 * 6, 5)))
+    model.train()
+    with torch.no_grad():
+        for _ in range(50):  # converge the power iterations
+            model(torch.randn(2, 3, 6, 6))
+    model.eval()
+    with pytest.raises(NotLipschitzError, match="training mode"):
+        bound_module(copy.deepcopy(model).train(), (3, 6, 6))
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x)
+    result = bound_module(model, (3, 6, 6))
+    assert torch.equal(model(x), before)  # the user's (parametrized) module still works, unchanged
+    true_conv = conv_norm_lower(model[2].weight.detach(), (6, 6), padding=1)  # from below
+    assert true_conv > 1.05  # the "1-Lipschitz" conv is not
+    exact = jacobian_norm(model, (3, 6, 6))
+    assert result.lipschitz >= exact
+    assert result.lipschitz > 1.0
+    assert torch.nn.utils.parametrize.is_parametrized(model[0])  # the user's module is untouched
+    print(f"SN conv true norm >= {true_conv:.3f}; bound {result.lipschitz:.3f}, exact {exact:.3f}")
+
+
+class Softmaxed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.softmax(x, dim=-1))
+
+
+class Opaque(nn.Module):
+    def forward(self, x):
+        return torch.sort(x, dim=-1).values  # a GroupSort-like op lipcert does not recognise
+
+
+class MatMul(nn.Module):
+    def forward(self, x):
+        return torch.matmul(x, x)  # (N, 2, 4, 4) @ (N, 2, 4, 4)
+
+
+class InPlaceShared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.c(x)
+        z = F.relu(y, inplace=True)
+        return y + z
+
+
+class BatchMix(nn.Module):
+    def forward(self, x):
+        return x.flatten(0)
+
+
+@pytest.mark.parametrize("model, match", [
+    (Softmaxed(), r"cannot bound node 'softmax' \(call_function softmax\) soundly; lipcert refuses to guess"),
+    (Opaque(), r"node 'sort' \(call_function sort\)"),
+    (MatMul(), r"node 'matmul' \(call_function matmul\)"),
+    (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), r"node '1' \(call_module 1 \(LayerNorm\)\)"),
+    (InPlaceShared(), "in place on a tensor that other nodes read"),
+    (BatchMix(), "does not keep the batch"),
+    (nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")), "padding_mode='reflect'"),
+], ids=["softmax", "opaque", "matmul", "layernorm", "inplace-shared", "batch-mix", "reflect-pad"])
+def test_refusals_name_the_node_and_op(model, match):
+    shape = (2, 4, 4) if not isinstance(model, (Softmaxed, nn.Sequential)) or "Conv" in str(model) else (3, 4)
+    if isinstance(model, nn.Sequential) and "Linear" in str(model):
+        shape = (4,)
+    with pytest.raises(NotLipschitzError, match=match):
+        bound_module(model.eval(), shape)
+
+
+def test_batchnorm_in_training_mode_or_without_running_stats_is_refused():
+    model = plain_cnn().train()
+    with pytest.raises(NotLipschitzError, match="training mode"):
+        bound_module(model, (3, 8, 8))
+    assert model.training  # untouched
+    no_stats = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2, track_running_stats=False)).eval()
+    with pytest.raises(NotLipschitzError, match="without running statistics"):
+        bound_module(no_stats, (3, 4, 4))
+
+
+def test_forward_hooks_and_untraceable_control_flow_are_refused():
+    model = nn.Sequential(nn.Linear(3, 3)).eval()
+    model[0].register_forward_hook(lambda m, i, o: o * 100)
+    with pytest.raises(NotLipschitzError, match="forward hooks"):
+        bound_module(model, (3,))
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(NotLipschitzError, match="torch.fx cannot trace"):
+        bound_module(Branchy(), (3,))
+
+
+def test_the_users_module_is_not_modified():
+    model = plain_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bound_module(model, (3, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+    assert math.isfinite(bound_module(model, (3, 8, 8)).lipschitz)
