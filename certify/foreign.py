@@ -575,3 +575,96 @@ def bound_module(module: nn.Module, input_shape, *, fold_batchnorm: bool = True)
             raise _refusal(n, "that does not keep the batch as dim 0 (it would mix samples)")
     lip = walk.run()
     return ForeignBound(float(lip), walk.layers, METHOD)
+
+
+# ---- a foreign module as a model lipcert certifies -----------------------------------------------
+
+
+class ForeignModel(nn.Module):
+    """A PyTorch module built elsewhere, wrapped so that :class:`certify.certificates.Certifier`
+    certifies it with the global certificate and a bound it computes itself: ``lipschitz_bound()``
+    walks the module's fx graph (:func:`bound_module`) from its weights as they are at the call (the
+    certifier recomputes it when they change). ``mean``/``std``: an input normalisation to put in
+    front, for a module that expects normalised images (radii are then in [0, 1] pixel units)."""
+
+    certificate = "global"
+    head_kind = None
+    bound_source = "computed from the weights (torch.fx graph of a module built elsewhere)"
+
+    def __init__(self, module: nn.Module, input_shape, mean=None, std=None, name: str = "module") -> None:
+        super().__init__()
+        from .layers.normalize import Normalize
+
+        self.input_shape = tuple(int(s) for s in input_shape)
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise ConfigError(f"the input shape must be C,H,W, got {input_shape}")
+        if (mean is None) != (std is None):
+            raise ConfigError("give both --mean and --std, or neither")
+        c = self.input_shape[0]
+        if mean is not None:
+            mean, std = [float(v) for v in mean], [float(v) for v in std]
+            mean, std = (mean * c, std * c) if len(mean) == 1 and len(std) == 1 else (mean, std)
+            if len(mean) != c or len(std) != c:
+                raise ConfigError(f"--mean/--std need 1 or {c} values each, got {len(mean)}/{len(std)}")
+        self.normalize = Normalize(mean, std) if mean is not None else None
+        self.module = module.eval()
+        self.model_name = name
+        with torch.no_grad():
+            out = self(torch.zeros(2, *self.input_shape))
+        if out.ndim != 2 or out.shape[1] < 2:
+            raise ConfigError(f"{name} maps (N, {', '.join(map(str, self.input_shape))}) images to shape "
+                              f"{tuple(out.shape)}; lipcert certifies classifiers with (N, classes) logits")
+        self.num_classes = int(out.shape[1])
+        self.class_names = [str(i) for i in range(self.num_classes)]
+        self.checkpoint_metadata = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(self.normalize(x) if self.normalize is not None else x)
+
+    def foreign_bound(self) -> ForeignBound:
+        return bound_module(self.module, self.input_shape)
+
+    def lipschitz_bound(self) -> float:
+        # the normalisation's bound is exact (1/min std) and multiplies the module's
+        factor = self.normalize.lipschitz_bound() if self.normalize is not None else 1.0
+        return _up(self.foreign_bound().lipschitz * factor)
+
+
+def load_module(spec: str, weights=None, input_shape=(3, 32, 32), mean=None, std=None) -> ForeignModel:
+    """``package.module:factory`` (a callable returning an ``nn.Module``, imported with the current
+    folder on the path), optionally with a ``.safetensors`` state dict loaded strictly, as a
+    :class:`ForeignModel`. Raises :class:`ConfigError` / :class:`CheckpointError` with one line."""
+    import importlib
+    import os
+    import sys
+
+    from .errors import CheckpointError
+
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ConfigError(f"--module takes package.module:factory, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except ImportError as e:
+        raise ConfigError(f"cannot import {mod_name!r}: {e}") from None
+    except AttributeError:
+        raise ConfigError(f"module {mod_name!r} has no {attr!r}") from None
+    module = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"{spec} gave a {type(module).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        from safetensors.torch import load_file
+
+        from .checkpoint import load_state_strict
+
+        try:
+            state = load_file(str(weights), device="cpu")
+        except Exception as e:  # safetensors raises several types for a bad file
+            raise CheckpointError(f"{weights}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        bad = [k for k, t in state.items() if torch.is_floating_point(t) and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CheckpointError(f"{weights}: non-finite values (NaN or inf) in {', '.join(bad[:4])}; refusing to load")
+        load_state_strict(module, state, weights)
+    return ForeignModel(module, input_shape, mean, std, name=spec)

@@ -259,3 +259,81 @@ def test_the_users_module_is_not_modified():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.training
     assert math.isfinite(bound_module(model, (3, 8, 8)).lipschitz)
+
+
+# ---- `lipcert certify --module` ------------------------------------------------------------------
+
+FOREIGN_SOURCE = '''
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(6 * 16 * 16, 10))
+
+
+def opaque():
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10), nn.Softmax(dim=1))
+'''
+
+
+@pytest.fixture
+def foreign_pkg(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "someones_model.py").write_text(FOREIGN_SOURCE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("someones_model", None)
+
+
+def _certify(*args):
+    from click.testing import CliRunner
+
+    from certify.cli import cli
+
+    return CliRunner().invoke(cli, ["certify", *map(str, args)])
+
+
+def test_cli_certifies_a_module_built_elsewhere_with_its_computed_bound(foreign_pkg):
+    import json
+
+    from safetensors.torch import save_file
+
+    from certify.foreign import load_module
+    from certify.lipschitz import empirical_lower_bound
+
+    trained = load_module("someones_model:make", input_shape=(3, 32, 32)).module
+    with torch.no_grad():  # weights that are not the factory's: --weights must be what is certified
+        for p in trained.parameters():
+            p.mul_(3.0)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(foreign_pkg / "w.safetensors"))
+    r = _certify("--module", "someones_model:make", "--weights", foreign_pkg / "w.safetensors", "--input-shape",
+                 "3,32,32", "--mean", "0.5", "--std", "0.25", "--dataset", "synthetic", "--limit", "12", "--format",
+                 "json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    bound = summary["certificate"]["lipschitz_upper_bound"]
+    assert "torch.fx" in summary["certificate"]["bound_source"]
+    model = load_module("someones_model:make", foreign_pkg / "w.safetensors", (3, 32, 32), [0.5], [0.25])
+    assert bound == pytest.approx(model.lipschitz_bound(), rel=1e-12)
+    # the normalisation's 1/std multiplies the module's bound, and the result bounds the whole map
+    assert bound == pytest.approx(4 * bound_module(model.module, (3, 32, 32)).lipschitz, rel=1e-12)
+    assert empirical_lower_bound(model, torch.rand(4, 3, 32, 32), iters=8) <= bound
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--module", "someones_model:opaque", "--input-shape", "3,32,32", "--dataset", "synthetic"], 1, "refuses to guess"),
+    (["--module", "someones_model:nothing", "--dataset", "synthetic"], 1, "has no 'nothing'"),
+    (["--module", "someones_model", "--dataset", "synthetic"], 1, "package.module:factory"),
+    (["--module", "someones_model:make", "--input-shape", "3,32,32"], 2, "records no dataset"),
+    (["--dataset", "synthetic"], 2, "MODEL_FILE or --module"),
+    (["--module", "someones_model:make", "--input-shape", "3,32,32", "--mean", "0.5", "--dataset", "synthetic"], 1,
+     "both --mean and --std"),
+])
+def test_cli_refusals_for_modules_built_elsewhere(foreign_pkg, args, code, message):
+    r = _certify(*args, "--device", "cpu")
+    assert r.exit_code == code and message in r.output, r.output
