@@ -337,3 +337,18 @@ def test_cli_certifies_a_module_built_elsewhere_with_its_computed_bound(foreign_
 def test_cli_refusals_for_modules_built_elsewhere(foreign_pkg, args, code, message):
     r = _certify(*args, "--device", "cpu")
     assert r.exit_code == code and message in r.output, r.output
+
+
+def test_the_audit_attacks_a_module_built_elsewhere_inside_its_radii(foreign_pkg):
+    import json
+
+    from click.testing import CliRunner
+
+    from certify.cli import cli
+
+    r = CliRunner().invoke(cli, ["attack", "--module", "someones_model:make", "--dataset", "synthetic", "--limit",
+                                 "10", "--audit", "--steps", "5", "--format", "json", "--device", "cpu"])
+    assert r.exit_code == 0, r.output  # exit 3 would be a violation
+    assert json.loads(r.stdout)["audit"]["violations"] == 0
+    r = CliRunner().invoke(cli, ["attack", "--dataset", "synthetic"])
+    assert r.exit_code == 2 and "MODEL_FILE or --module" in r.output

@@ -74,3 +74,55 @@ def checkpoint_dataset(model, model_file, **options):
                           "ones recorded at training time (different seed, val split or data)",
                           highlight=False, soft_wrap=True)
     return ds
+
+
+# ---- models built elsewhere: `--module` (certify, attack) -----------------------------------------
+
+
+def _numbers(text: str, option: str, kind):
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=option) from None
+
+
+def foreign_model_options(f):
+    """MODEL_FILE (optional) and the options that name a PyTorch model built elsewhere instead."""
+    opts = [
+        click.argument("model_file", type=click.Path(dir_okay=False), required=False),
+        click.option("--module", "module_spec", default=None, metavar="PKG.MODULE:FACTORY",
+                     help="A PyTorch model built elsewhere instead of MODEL_FILE: a callable (or module instance) "
+                          "importable from the current folder; its bound is computed from its torch.fx graph "
+                          "(ops lipcert cannot bound soundly are refused). Needs --dataset."),
+        click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
+                     help="With --module: a .safetensors state dict to load into it (strictly)."),
+        click.option("--input-shape", default="3,32,32", show_default=True, metavar="C,H,W",
+                     help="With --module: the image shape the model takes."),
+        click.option("--mean", default=None, metavar="M[,M,...]",
+                     help="With --module: an input normalisation (x - mean) / std to put in front of a model that "
+                          "expects normalised images (radii stay in [0, 1] pixel units); one value or one per "
+                          "channel."),
+        click.option("--std", default=None, metavar="S[,S,...]", help="With --module: see --mean."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def load_cli_model(model_file, module_spec, weights, input_shape, mean, std, device, onnx_bound="verify"):
+    """The model a command works on, and the name to report it by: MODEL_FILE (any file lipcert
+    loads) or ``--module`` (:func:`certify.foreign.load_module`), exactly one of them."""
+    if (model_file is None) == (module_spec is None):
+        raise click.UsageError("give MODEL_FILE or --module PKG.MODULE:FACTORY (one of them)")
+    if module_spec is None:
+        if weights is not None or mean is not None or std is not None:
+            raise click.UsageError("--weights, --mean and --std go with --module")
+        from ..loading import load_any
+
+        return load_any(model_file, device=device, onnx_bound=onnx_bound), model_file
+    from ..foreign import load_module
+
+    model = load_module(module_spec, weights, _numbers(input_shape, "--input-shape", int),
+                        None if mean is None else _numbers(mean, "--mean", float),
+                        None if std is None else _numbers(std, "--std", float))
+    return model.to(device), module_spec

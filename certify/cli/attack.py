@@ -16,8 +16,8 @@ import click
 from rich.table import Table
 
 from ..errors import ConfigError, RunFolderError
-from ._common import (EXIT_GATE, checkpoint_dataset, err_console, handle_errors, out_console, resolve_device,
-                      show_progress)
+from ._common import (EXIT_GATE, checkpoint_dataset, err_console, foreign_model_options, handle_errors,
+                      load_cli_model, out_console, resolve_device, show_progress)
 
 SPLITS = ("train", "val", "test", "all")
 ATTACK_CHOICES = ("all", "pgd", "apgd-ce", "apgd-dlr")
@@ -128,7 +128,7 @@ def _save_pngs(folder: Path, images) -> int:
 
 
 @click.command(epilog=EPILOG)
-@click.argument("model_file", type=click.Path(dir_okay=False))
+@foreign_model_options
 @click.option("--dataset", default=None,
               help="cifar10, cifar100, mnist, fashion-mnist, imagefolder or synthetic. Default: the "
                    "dataset recorded in the checkpoint.")
@@ -176,24 +176,24 @@ def _save_pngs(folder: Path, images) -> int:
               help="Write the adversarial images found as PNG (8-bit: for looking at, not for replay) "
                    "into this new or empty folder.")
 @handle_errors
-def attack(model_file, dataset, data_dir, download, split, val_split, limit, eps, attack, steps, restarts, audit,
-           tightness, min_norm, search_steps, batch_size, eval_path, dense_max, device, seed, fmt, output,
-           save_adversarials):
-    """Attack MODEL_FILE (a .safetensors checkpoint) with l2 PGD and APGD, report clean, certified
-    and empirical robust accuracy side by side, and with --audit prove that no certificate is
-    wrong (an attack that succeeds inside a certified radius is a violation)."""
+def attack(model_file, module_spec, weights, input_shape, mean, std, dataset, data_dir, download, split, val_split,
+           limit, eps, attack, steps, restarts, audit, tightness, min_norm, search_steps, batch_size, eval_path,
+           dense_max, device, seed, fmt, output, save_adversarials):
+    """Attack MODEL_FILE (a .safetensors checkpoint), or a model built elsewhere (--module), with
+    l2 PGD and APGD, report clean, certified and empirical robust accuracy side by side, and with
+    --audit prove that no certificate is wrong (an attack that succeeds inside a certified radius
+    is a violation)."""
     import torch
 
     from ..audit import attack_dataset
     from ..certificates import Certifier
-    from ..loading import load_any
 
     machine = fmt != "table"
     eps = list(eps) or [("36/255", 36 / 255)]
     out_dir = _prepare_folder(output, "--output folder") if output else None
     png_dir = _prepare_folder(save_adversarials, "--save-adversarials folder") if save_adversarials else None
     dev = resolve_device(device)
-    model = load_any(model_file, device=dev)
+    model, model_file = load_cli_model(model_file, module_spec, weights, input_shape, mean, std, dev)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{model_file}: attacks need the model's gradients; exported models cannot be "
                           "attacked, use the .safetensors checkpoint")

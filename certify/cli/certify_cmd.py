@@ -15,8 +15,8 @@ from rich.markup import escape
 from ..certificates import CERTIFICATE_METHODS, STANDARD_EPS, eps_label, parse_eps
 from ..errors import ConfigError
 from ..reports import FORMATS
-from ._common import (EXIT_GATE, checkpoint_dataset, err_console, handle_errors, out_console, resolve_device,
-                      show_progress)
+from ._common import (EXIT_GATE, checkpoint_dataset, err_console, foreign_model_options, handle_errors,
+                      load_cli_model, out_console, resolve_device, show_progress)
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -27,13 +27,6 @@ EPILOG = (
     "Lipschitz bound); 2 usage error (bad option, malformed --eps or --fail-under); 3 a "
     "--fail-under gate failed (the report is printed and written first)."
 )
-
-
-def _numbers(text: str, option: str, kind):
-    try:
-        return [kind(v) for v in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=option) from None
 
 
 def _eps_option(ctx, param, values):
@@ -55,19 +48,7 @@ def _gate_option(ctx, param, values):
 
 
 @click.command(epilog=EPILOG)
-@click.argument("model_file", type=click.Path(dir_okay=False), required=False)
-@click.option("--module", "module_spec", default=None, metavar="PKG.MODULE:FACTORY",
-              help="Certify a PyTorch model built elsewhere instead of MODEL_FILE: a callable (or module "
-                   "instance) importable from the current folder; its bound is computed from its torch.fx "
-                   "graph (ops lipcert cannot bound soundly are refused). Needs --dataset.")
-@click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="With --module: a .safetensors state dict to load into it (strictly).")
-@click.option("--input-shape", default="3,32,32", show_default=True, metavar="C,H,W",
-              help="With --module: the image shape the model takes.")
-@click.option("--mean", default=None, metavar="M[,M,...]",
-              help="With --module: an input normalisation (x - mean) / std to put in front of a model that "
-                   "expects normalised images (radii stay in [0, 1] pixel units); one value or one per channel.")
-@click.option("--std", default=None, metavar="S[,S,...]", help="With --module: see --mean.")
+@foreign_model_options
 @click.option("--dataset", default=None,
               help="cifar10, cifar100, mnist, fashion-mnist, imagefolder (with --data-dir) or synthetic. "
                    "Default: the dataset recorded in the checkpoint.")
@@ -143,7 +124,6 @@ def certify(model_file, module_spec, weights, input_shape, mean, std, dataset, d
     greater than eps (ties in the logits give radius 0).
     """
     from ..certificates import certify_dataset
-    from ..loading import load_any
     from ..reports import evaluate_gates, rich_tables, to_csv, to_json, to_markdown, write_reports
 
     # Parameter names follow the option names so that LIPCERT_CERTIFY_FAIL_UNDER, ..._FORMAT and
@@ -152,19 +132,7 @@ def certify(model_file, module_spec, weights, input_shape, mean, std, dataset, d
     machine = fmt != "table"
     dev = resolve_device(device)
     onnx_bound = "none" if lipschitz is not None else "trust" if trust_onnx_bound else "verify"
-    if (model_file is None) == (module_spec is None):
-        raise click.UsageError("give MODEL_FILE or --module PKG.MODULE:FACTORY (one of them)")
-    if module_spec is None:
-        if weights is not None or mean is not None or std is not None:
-            raise click.UsageError("--weights, --mean and --std go with --module")
-        model = load_any(model_file, device=dev, onnx_bound=onnx_bound)
-    else:
-        from ..foreign import load_module
-
-        model = load_module(module_spec, weights, _numbers(input_shape, "--input-shape", int),
-                            None if mean is None else _numbers(mean, "--mean", float),
-                            None if std is None else _numbers(std, "--std", float)).to(dev)
-        model_file = module_spec
+    model, model_file = load_cli_model(model_file, module_spec, weights, input_shape, mean, std, dev, onnx_bound)
 
     ds = checkpoint_dataset(model, model_file, split=split, dataset=dataset, data_dir=data_dir, download=download,
                             val_split=val_split, seed=seed, limit=limit)
