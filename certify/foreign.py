@@ -70,6 +70,10 @@ class ForeignBound:
     lipschitz: float
     layers: list[LayerBound]
     method: str
+    #: when the output is a dense layer ``W phi + b`` (nn.Linear or F.linear with stored weights): a
+    #: sound bound of phi's Lipschitz constant and W itself, for the pairwise certificate
+    feature_lipschitz: float | None = None
+    final_weight: torch.Tensor | None = None
 
 
 def _up(x: float) -> float:
@@ -296,6 +300,7 @@ class _Walk:
                 out = node.args[0]
                 if not isinstance(out, fx.Node) or out not in self.lip:
                     raise _refusal(node, "returning something other than one tensor of the input")
+                self.final_linear(out)
                 return self.lip[out]
             elif node.op == "call_module":
                 self.module(node, self.gm.get_submodule(node.target))
@@ -306,6 +311,18 @@ class _Walk:
             else:
                 raise _refusal(node)
         raise NotLipschitzError("the traced graph has no output")
+
+    def final_linear(self, out) -> None:
+        """Record (phi's bound, W) when the output node is a dense layer W phi + b."""
+        self.feature_lipschitz = self.final_weight = None
+        weight, x = None, out.args[0] if out.args else None
+        if out.op == "call_module" and type(self.gm.get_submodule(out.target)) is nn.Linear:
+            weight = self.gm.get_submodule(out.target).weight
+        elif out.op == "call_function" and out.target is F.linear and len(out.args) >= 2:
+            w = out.args[1]
+            weight = _fetch(self.gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        if weight is not None and isinstance(x, fx.Node) and x in self.lip:
+            self.feature_lipschitz, self.final_weight = self.lip[x], weight.detach()
 
     def conv(self, node, x, weight, bias, stride, padding, dilation, groups, kind):
         if isinstance(bias, fx.Node) and bias.op != "get_attr":
@@ -574,7 +591,7 @@ def bound_module(module: nn.Module, input_shape, *, fold_batchnorm: bool = True)
         if shapes[n][0] != 1 or shapes2[n] is None or shapes2[n][0] != 2 or shapes2[n][1:] != shapes[n][1:]:
             raise _refusal(n, "that does not keep the batch as dim 0 (it would mix samples)")
     lip = walk.run()
-    return ForeignBound(float(lip), walk.layers, METHOD)
+    return ForeignBound(float(lip), walk.layers, METHOD, walk.feature_lipschitz, walk.final_weight)
 
 
 # ---- a foreign module as a model lipcert certifies -----------------------------------------------
@@ -582,12 +599,15 @@ def bound_module(module: nn.Module, input_shape, *, fold_batchnorm: bool = True)
 
 class ForeignModel(nn.Module):
     """A PyTorch module built elsewhere, wrapped so that :class:`certify.certificates.Certifier`
-    certifies it with the global certificate and a bound it computes itself: ``lipschitz_bound()``
-    walks the module's fx graph (:func:`bound_module`) from its weights as they are at the call (the
-    certifier recomputes it when they change). ``mean``/``std``: an input normalisation to put in
-    front, for a module that expects normalised images (radii are then in [0, 1] pixel units)."""
+    certifies it with a bound it computes itself: ``lipschitz_bound()`` walks the module's fx graph
+    (:func:`bound_module`) from its weights as they are at the call (the certifier recomputes it
+    when they change). When the module ends in a dense layer ``W phi(x) + b`` the pairwise
+    certificate applies (``certificate = "pairwise"``: radius ``min_j (f_y - f_j) / (L_phi
+    ||w_y - w_j||)``, with ``L_phi`` the sound bound of everything before W and the exact float64
+    row distances of W, as for an LLN head); otherwise the global one. ``mean``/``std``: an input
+    normalisation to put in front, for a module that expects normalised images (radii are then in
+    [0, 1] pixel units)."""
 
-    certificate = "global"
     head_kind = None
     bound_source = "computed from the weights (torch.fx graph of a module built elsewhere)"
 
@@ -617,6 +637,9 @@ class ForeignModel(nn.Module):
         self.num_classes = int(out.shape[1])
         self.class_names = [str(i) for i in range(self.num_classes)]
         self.checkpoint_metadata = {}
+        final = self.foreign_bound().final_weight
+        self.certificate = "pairwise" if final is not None and final.shape[0] == self.num_classes else "global"
+        self.head = _FinalDense(self) if self.certificate == "pairwise" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(self.normalize(x) if self.normalize is not None else x)
@@ -624,10 +647,37 @@ class ForeignModel(nn.Module):
     def foreign_bound(self) -> ForeignBound:
         return bound_module(self.module, self.input_shape)
 
-    def lipschitz_bound(self) -> float:
+    def _input_factor(self) -> float:
         # the normalisation's bound is exact (1/min std) and multiplies the module's
-        factor = self.normalize.lipschitz_bound() if self.normalize is not None else 1.0
-        return _up(self.foreign_bound().lipschitz * factor)
+        return self.normalize.lipschitz_bound() if self.normalize is not None else 1.0
+
+    def lipschitz_bound(self) -> float:
+        return _up(self.foreign_bound().lipschitz * self._input_factor())
+
+    def feature_lipschitz_bound(self) -> float:
+        """Of x -> phi(x), the input of the final dense layer (pairwise certificate)."""
+        bound = self.foreign_bound()
+        if bound.feature_lipschitz is None:
+            raise NotLipschitzError(f"{self.model_name} does not end in a dense layer: no pairwise certificate")
+        return _up(bound.feature_lipschitz * self._input_factor())
+
+
+class _FinalDense:
+    """The final dense layer of a :class:`ForeignModel`, as the pairwise certificate reads it."""
+
+    def __init__(self, model: ForeignModel) -> None:
+        self._model = model
+
+    @torch.no_grad()
+    def pairwise_row_distances(self) -> torch.Tensor:
+        """``D[y, j] >= ||w_y - w_j||``: exact float64 differences (not the Gram identity, which
+        loses precision for nearly equal rows), inflated by rounding slack, as for the LLN head."""
+        w = self._model.foreign_bound().final_weight.to(torch.float64)
+        return torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist") * (1 + FLOAT64_SLACK)
+
+    def lipschitz_bound(self, input_size=None) -> float:
+        """||W||, for the report's global bound (feature bound times this)."""
+        return linear_norm_bound(self._model.foreign_bound().final_weight)
 
 
 def load_module(spec: str, weights=None, input_shape=(3, 32, 32), mean=None, std=None) -> ForeignModel:

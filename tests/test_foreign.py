@@ -352,3 +352,32 @@ def test_the_audit_attacks_a_module_built_elsewhere_inside_its_radii(foreign_pkg
     assert json.loads(r.stdout)["audit"]["violations"] == 0
     r = CliRunner().invoke(cli, ["attack", "--dataset", "synthetic"])
     assert r.exit_code == 2 and "MODEL_FILE or --module" in r.output
+
+
+def test_a_final_dense_layer_gives_the_pairwise_certificate():
+    from certify.certificates import Certifier
+    from certify.foreign import ForeignModel
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+    dense = nn.Sequential(*body, nn.Linear(4 * 8 * 8, 6))
+    b = bound_module(dense, (3, 8, 8))
+    assert b.final_weight is not None and b.feature_lipschitz == pytest.approx(bound_module(body, (3, 8, 8)).lipschitz)
+    assert bound_module(nn.Sequential(*dense, nn.ReLU()), (3, 8, 8)).final_weight is None  # not the output
+    model = ForeignModel(dense, (3, 8, 8))
+    assert model.certificate == "pairwise"
+    x = torch.rand(16, 3, 8, 8)
+    pair = Certifier(model)
+    glob = Certifier(model, method="global")
+    assert pair.method == "pairwise" and glob.method == "global"
+    r_pair, r_glob = pair(x)[3], glob(x)[3]
+    # both sound; pairwise uses ||w_y - w_j|| <= sqrt(2) ||W||: never looser than the global one here
+    assert (r_pair >= r_glob * (1 - 1e-9)).all() and (r_pair > r_glob).any()
+    # soundness against the exact margin geometry: no sample's class changes inside its radius
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(20):
+            d = torch.randn(x.shape, generator=gen)
+            d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            moved = model(x + 0.999 * r_pair.float().view(-1, 1, 1, 1) * d).argmax(1)
+            assert torch.equal(moved[r_pair > 0], pair(x)[1][r_pair > 0])
