@@ -654,6 +654,10 @@ class ForeignModel(nn.Module):
     def lipschitz_bound(self) -> float:
         return _up(self.foreign_bound().lipschitz * self._input_factor())
 
+    def layer_bounds(self) -> list[LayerBound]:
+        """The graph walk's factors other than 1 (see :class:`ForeignBound`)."""
+        return list(self.foreign_bound().layers)
+
     def feature_lipschitz_bound(self) -> float:
         """Of x -> phi(x), the input of the final dense layer (pairwise certificate)."""
         bound = self.foreign_bound()

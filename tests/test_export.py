@@ -348,13 +348,13 @@ def test_load_onnx_bad_files(tmp_path):
     corrupt.write_bytes(b"\x00garbage\xff" * 10)
     with pytest.raises(CheckpointError, match="not a readable ONNX model"):
         load_onnx_model(corrupt)
-    # A valid ONNX model that lipcert did not export: no stored bound, so no certificate.
+    # A valid ONNX model that lipcert did not export, and that is not an image classifier: refused.
     node = helper.make_node("Identity", ["x"], ["y"])
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
     foreign = tmp_path / "foreign.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(foreign))
-    with pytest.raises(CheckpointError, match="without lipcert metadata"):
+    with pytest.raises(CheckpointError, match=r"\(N, C, H, W\)"):
         load_any(foreign)
 
 

@@ -381,3 +381,62 @@ def test_a_final_dense_layer_gives_the_pairwise_certificate():
             d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             moved = model(x + 0.999 * r_pair.float().view(-1, 1, 1, 1) * d).argmax(1)
             assert torch.equal(moved[r_pair > 0], pair(x)[1][r_pair > 0])
+
+
+# ---- ONNX graphs built elsewhere ------------------------------------------------------------------
+
+
+def _export(model, path, shape=(3, 16, 16)):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), torch.rand(1, *shape), str(path), dynamo=False, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    return path
+
+
+def _foreign_cnn(side: int = 16):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, stride=2), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 6, 3, padding=1), nn.LeakyReLU(0.1), nn.AvgPool2d(2), nn.Flatten(),
+                         nn.Linear(6 * (side // 8) ** 2, 10)).eval()
+
+
+def test_a_foreign_onnx_graph_is_translated_checked_and_bounded(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from certify.loading import load_any
+
+    torch_model = _foreign_cnn()
+    with torch.no_grad():
+        torch_model[1].running_var.uniform_(0.5, 2.0)  # a BatchNorm that is not the identity
+    path = _export(torch_model, tmp_path / "theirs.onnx")
+    model = load_any(path)
+    assert "ONNX graph" in model.bound_source and model.certificate == "pairwise"
+    x = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x), torch_model(x), atol=1e-5)
+    # the bound of the graph's own weights bounds the exact Jacobian of the function it computes
+    exact = 0.0
+    for i in range(3):
+        jac = torch.autograd.functional.jacobian(lambda v: torch_model.double()(v.view(1, 3, 16, 16)).flatten(),
+                                                 x[i].double().flatten())
+        exact = max(exact, float(torch.linalg.matrix_norm(jac, ord=2)))
+    torch_model.float()
+    head_norm = float(torch.linalg.matrix_norm(torch_model[-1].weight.double(), ord=2))
+    assert exact <= model.feature_lipschitz_bound() * head_norm * (1 + 1e-6)
+    assert model.layer_bounds()
+
+
+def test_cli_certifies_a_foreign_onnx_file_and_refuses_ops_it_cannot_bound(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import json
+
+    path = _export(_foreign_cnn(32), tmp_path / "theirs.onnx", (3, 32, 32))
+    r = _certify(path, "--dataset", "synthetic", "--limit", "10", "--format", "json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "translated op for op" in json.loads(r.stdout)["certificate"]["bound_source"]
+    soft = _export(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10), nn.Softmax(dim=1)), tmp_path / "soft.onnx",
+                   (3, 32, 32))
+    r = _certify(soft, "--dataset", "synthetic", "--limit", "10", "--device", "cpu")
+    assert r.exit_code == 1 and "Softmax" in r.output and "refuses to guess" in r.output
