@@ -301,6 +301,10 @@ class Certifier:
         itself where it takes float64 inputs (lipcert's layers apply their float32 weights and
         evaluation plans to them), else a float64 copy of it (the same weights, exactly)."""
         if self._model64 is None:
+            maker = getattr(self.model, "float64_model", None)  # a model that knows its float64 form
+            if maker is not None:
+                self._model64 = maker()
+                return self._model64
             try:
                 self.model(x[:1])
                 self._model64 = self.model
@@ -308,6 +312,12 @@ class Certifier:
                 import copy
 
                 self._model64 = copy.deepcopy(self.model).double().eval()
+                try:
+                    self._model64(x[:1])
+                except RuntimeError as e:
+                    raise ConfigError(f"this model cannot be evaluated in float64 for the re-check of float32 "
+                                      f"rounding ({str(e).splitlines()[0]}); --precision float32 skips the "
+                                      "re-check (rounding then not covered)") from None
         return self._model64
 
     def _float64_capable(self) -> bool:

@@ -644,6 +644,14 @@ class ForeignModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(self.normalize(x) if self.normalize is not None else x)
 
+    def float64_model(self) -> nn.Module:
+        """The same function in float64 arithmetic, for the certifier's re-check of float32 rounding:
+        a copy with parametrized weights replaced by their current (float32) values, as the bound
+        sees them (libraries' parametrizations need not run in float64), then in float64."""
+        m = copy.deepcopy(self)
+        _bake_parametrizations(m.module)
+        return m.double().eval()
+
     def foreign_bound(self) -> ForeignBound:
         return bound_module(self.module, self.input_shape)
 

@@ -2,12 +2,14 @@
 onnxruntime, then bounded by :func:`certify.foreign.bound_module`.
 
 The translation covers the ops of plain CNNs (``Conv``, ``Gemm``, ``MatMul`` by a constant,
-``BatchNormalization``, ``Relu``, ``LeakyRelu``, ``Sigmoid``, ``Tanh``, ``MaxPool``,
+``BatchNormalization``, ``Relu``, ``LeakyRelu``, ``Sigmoid``, ``Tanh``, ``Abs``, ``MaxPool``,
 ``AveragePool``, ``GlobalAveragePool``, ``Flatten``, a ``Reshape`` that flattens, ``Add``/``Sub``
 of activations or constants, ``Mul``/``Div`` by constants, ``Concat`` along channels, ``Identity``,
 ``Dropout``, ``Constant``) with each op's ONNX semantics (pads begin/end, ``Gemm``'s alpha, beta
 and transB, ``count_include_pad``, ``ceil_mode``); anything else, and any attribute value it does
-not translate, is refused naming the node. The translated module must reproduce onnxruntime's
+not translate, is refused naming the node. Nodes whose inputs are all constants (an exporter's
+unfolded weight parametrisation) are evaluated once by onnxruntime and become constants. The
+translated module must reproduce onnxruntime's
 outputs on random inputs (a guard against a translation mistake; the bound is computed from the
 graph's own initializers, in the module that reproduces it).
 """
@@ -62,6 +64,8 @@ class _Graph(nn.Module):
                 env[dst] = self.mods[what](env[srcs[0]])
             elif kind == "binary":
                 env[dst] = what(value(srcs[0]), value(srcs[1]))
+            elif kind == "unary":
+                env[dst] = what(env[srcs[0]])
             elif kind == "cat":
                 env[dst] = torch.cat([value(s) for s in srcs], dim=1)
             else:  # "alias"
@@ -82,6 +86,38 @@ def _pads(node, pads, rank: int = 2):
     return tuple(begin) if begin == end else None
 
 
+def _fold_constants(proto, inits: dict) -> set[str]:
+    """Evaluate, with onnxruntime, every node whose inputs are all constants (an exporter's
+    unfolded weight parametrisation: a normalisation, a reshape of a weight), adding its outputs
+    to ``inits``; returns the names of the nodes folded (the translation skips them)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    known, folded, outputs = set(inits), set(), []
+    for node in proto.graph.node:
+        if node.input and all((not n) or n in known for n in node.input) and node.op_type != "Constant":
+            folded.add(node.name or node.output[0])
+            known.update(node.output)
+            outputs += list(node.output)
+        elif node.op_type == "Constant":
+            known.update(node.output)
+    if not outputs:
+        return folded
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    del m.graph.output[:]
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        feed[i.name] = np.zeros(shape, dtype=np.float32)
+    for name, value in zip(outputs, sess.run(outputs, feed)):
+        inits[name] = np.asarray(value).astype(np.float64)
+    return folded
+
+
 def translate(proto) -> tuple[_Graph, tuple[int, int, int]]:
     """A PyTorch module computing ``proto``'s graph (one (N, C, H, W) input, one output), and the
     input shape (C, H, W)."""
@@ -89,6 +125,12 @@ def translate(proto) -> tuple[_Graph, tuple[int, int, int]]:
 
     graph = proto.graph
     inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                inits[node.output[0]] = numpy_helper.to_array(value.t).astype(np.float64)
+    folded = _fold_constants(proto, inits)
     inputs = [i for i in graph.input if i.name not in inits]
     if len(inputs) != 1 or len(graph.output) != 1:
         raise CheckpointError(f"an ONNX graph with {len(inputs)} inputs and {len(graph.output)} outputs; lipcert "
@@ -109,6 +151,8 @@ def translate(proto) -> tuple[_Graph, tuple[int, int, int]]:
         return None
 
     for node in graph.node:
+        if (node.name or node.output[0]) in folded:
+            continue
         a, op, ins, out = _attrs(node), node.op_type, list(node.input), node.output[0]
         if op == "Constant":
             if "value" not in a:
@@ -162,6 +206,8 @@ def translate(proto) -> tuple[_Graph, tuple[int, int, int]]:
                 for t, v in ((bn.weight, scale), (bn.bias, bias), (bn.running_mean, mean), (bn.running_var, var)):
                     t.copy_(torch.as_tensor(v))
             g.add_module_step(bn, ins[0], out)
+        elif op == "Abs":
+            g.steps.append(("unary", torch.abs, (ins[0],), out))
         elif op in ("Relu", "Sigmoid", "Tanh", "Identity", "Dropout", "LeakyRelu"):
             module = {"Relu": nn.ReLU(), "Sigmoid": nn.Sigmoid(), "Tanh": nn.Tanh(), "Identity": nn.Identity(),
                       "Dropout": nn.Identity(), "LeakyRelu": nn.LeakyReLU(float(a.get("alpha", 0.01)))}[op]
@@ -222,5 +268,6 @@ def foreign_onnx_model(proto, session, path):
         raise CheckpointError(f"{path}: lipcert's translation of the graph does not reproduce onnxruntime's outputs; "
                               "refusing to bound it")
     model = ForeignModel(module, shape, name=str(path))
-    model.bound_source = "computed from the ONNX graph's weights (translated op for op, checked against onnxruntime)"
+    model.bound_source = ("computed from the weights (of an ONNX graph built elsewhere, translated op for op and "
+                          "checked against onnxruntime)")
     return model

@@ -200,3 +200,74 @@ def test_orthogonium_unsupported_layers_are_refused(name, names):
     with warnings.catch_warnings(), pytest.raises(NotLipschitzError, match=names):
         warnings.simplefilter("ignore")
         bound_module(module, (4, 16, 16))
+
+
+# ---- from the command line: --module, and the ONNX file exported from each -----------------------
+
+LIBNETS = """
+import torch
+from torch import nn
+
+
+def deel():
+    import deel.torchlip as tl
+
+    torch.manual_seed(0)
+    return nn.Sequential(tl.SpectralConv2d(3, 4, 3, padding=1), nn.ReLU(), tl.SpectralConv2d(4, 4, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), tl.SpectralLinear(4 * 32 * 32, 10))
+
+
+def ortho():
+    import orthogonium.layers as ol
+    from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d
+    from orthogonium.layers.conv.AOL import AOLConv2D
+
+    torch.manual_seed(0)
+    return nn.Sequential(AdaptiveOrthoConv2d(3, 8, 3, padding=1, padding_mode="zeros"), ol.Abs(),
+                         AdaptiveOrthoConv2d(8, 16, 2, stride=2, padding=0, padding_mode="zeros"),
+                         ol.BatchCentering2D(16), AOLConv2D(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), ol.OrthoLinear(16 * 16 * 16, 10))
+"""
+
+
+@pytest.mark.parametrize("library, factory", [("deel.torchlip", "deel"), ("orthogonium.layers", "ortho")])
+def test_cli_certifies_a_library_model_and_the_onnx_file_exported_from_it(library, factory, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from click.testing import CliRunner
+
+    from certify.cli import cli
+    from certify.foreign import _bake_parametrizations
+
+    pytest.importorskip(library)
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "libnets.py").write_text(LIBNETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("libnets", None)
+    runner = CliRunner()
+    common = ["--dataset", "synthetic", "--limit", "8", "--format", "json", "--device", "cpu"]
+    r = runner.invoke(cli, ["certify", "--module", f"libnets:{factory}", *common])
+    assert r.exit_code == 0, r.output
+    from_module = json.loads(r.stdout)
+    # the file a user deploys: the parametrised weights as they are (torch.onnx cannot trace
+    # orthogonium's cached parametrisation), exported by torch.onnx
+    import libnets
+
+    model = copy.deepcopy(getattr(libnets, factory)().eval())
+    _bake_parametrizations(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.rand(1, 3, 32, 32), str(tmp_path / "m.onnx"), dynamo=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    r = runner.invoke(cli, ["certify", str(tmp_path / "m.onnx"), *common])
+    assert r.exit_code == 0, r.output
+    from_onnx = json.loads(r.stdout)
+    assert from_module["certificate"]["method"] == from_onnx["certificate"]["method"] == "pairwise"
+    a, b = (d["certificate"]["feature_lipschitz_upper_bound"] for d in (from_module, from_onnx))
+    assert a == pytest.approx(b, rel=1e-6)  # the same weights, bounded through either door
+    assert from_module["counts"] == from_onnx["counts"]
+    r = runner.invoke(cli, ["attack", "--module", f"libnets:{factory}", "--audit", "--steps", "3", *common])
+    assert r.exit_code == 0 and json.loads(r.stdout)["audit"]["violations"] == 0, r.output
+    sys.modules.pop("libnets", None)
