@@ -253,7 +253,13 @@ def foreign_onnx_model(proto, session, path):
     checking that it reproduces onnxruntime's outputs on random inputs."""
     from .foreign import ForeignModel
 
-    module, shape = translate(proto)
+    try:
+        module, shape = translate(proto)
+    except (NotLipschitzError, CheckpointError):
+        raise
+    except Exception as e:  # a graph outside what the translation understands: refuse, never guess
+        raise CheckpointError(f"{path}: lipcert cannot translate this ONNX graph ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); refusing to bound it") from None
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(4, *shape, generator=gen)
     inp = session.get_inputs()[0]
@@ -262,8 +268,12 @@ def foreign_onnx_model(proto, session, path):
     if fixed and xs.shape[0] < fixed:
         xs = torch.cat([xs, torch.zeros(fixed - xs.shape[0], *shape)])
     want = torch.from_numpy(session.run(None, {inp.name: xs.numpy()})[0])
-    with torch.no_grad():
-        got = module(xs)
+    try:
+        with torch.no_grad():
+            got = module(xs)
+    except Exception as e:
+        raise CheckpointError(f"{path}: lipcert's translation of the graph fails to run ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); refusing to bound it") from None
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max()))):
         raise CheckpointError(f"{path}: lipcert's translation of the graph does not reproduce onnxruntime's outputs; "
                               "refusing to bound it")
