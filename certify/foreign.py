@@ -627,7 +627,12 @@ class ForeignModel(nn.Module):
             if len(mean) != c or len(std) != c:
                 raise ConfigError(f"--mean/--std need 1 or {c} values each, got {len(mean)}/{len(std)}")
         self.normalize = Normalize(mean, std) if mean is not None else None
-        self.module = module.eval()
+        # a private copy with parametrised weights fixed at their current values: the function
+        # certified is then exactly the one bounded (a parametrisation may update its state in
+        # every forward, e.g. a power iteration, and move the weights after a bound was taken)
+        module = copy.deepcopy(module).eval()
+        _bake_parametrizations(module)
+        self.module = module
         self.model_name = name
         with torch.no_grad():
             out = self(torch.zeros(2, *self.input_shape))
@@ -645,12 +650,9 @@ class ForeignModel(nn.Module):
         return self.module(self.normalize(x) if self.normalize is not None else x)
 
     def float64_model(self) -> nn.Module:
-        """The same function in float64 arithmetic, for the certifier's re-check of float32 rounding:
-        a copy with parametrized weights replaced by their current (float32) values, as the bound
-        sees them (libraries' parametrizations need not run in float64), then in float64."""
-        m = copy.deepcopy(self)
-        _bake_parametrizations(m.module)
-        return m.double().eval()
+        """The same function in float64 arithmetic, for the certifier's re-check of float32 rounding
+        (the weights are fixed already: libraries' parametrisations need not run in float64)."""
+        return copy.deepcopy(self).double().eval()
 
     def foreign_bound(self) -> ForeignBound:
         return bound_module(self.module, self.input_shape)

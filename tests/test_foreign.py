@@ -440,3 +440,33 @@ def test_cli_certifies_a_foreign_onnx_file_and_refuses_ops_it_cannot_bound(tmp_p
                    (3, 32, 32))
     r = _certify(soft, "--dataset", "synthetic", "--limit", "10", "--device", "cpu")
     assert r.exit_code == 1 and "Softmax" in r.output and "refuses to guess" in r.output
+
+
+def test_a_parametrisation_that_moves_in_every_forward_is_frozen_for_certification():
+    """A parametrisation with state updated in every forward (as a power iteration in eval mode):
+    the certified model is a copy with the weights fixed, so its outputs and bound do not drift."""
+    from torch.nn.utils import parametrize as P
+
+    from certify.foreign import ForeignModel
+
+    class Drifting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, w):
+            self.calls += 1
+            return w * (1 + 0.1 * self.calls)
+
+    torch.manual_seed(0)
+    user = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    P.register_parametrization(user[1], "weight", Drifting())
+    model = ForeignModel(user, (3, 8, 8))
+    x = torch.rand(4, 3, 8, 8)
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert torch.equal(a, b)
+    w = model.module[1].weight.detach().double()
+    assert model.feature_lipschitz_bound() == pytest.approx(1.0)  # Flatten only before the dense layer
+    assert float(torch.linalg.matrix_norm(w, 2)) <= model.head.lipschitz_bound() <= float(torch.linalg.matrix_norm(w, 2)) * (1 + 1e-6)
+    assert isinstance(user[1].weight, torch.Tensor)  # the user's module is untouched and still works
