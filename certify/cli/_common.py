@@ -126,3 +126,15 @@ def load_cli_model(model_file, module_spec, weights, input_shape, mean, std, dev
                         None if mean is None else _numbers(mean, "--mean", float),
                         None if std is None else _numbers(std, "--std", float))
     return model.to(device), module_spec
+
+
+def echo_csv(columns, rows) -> None:
+    """``rows`` (lists of cells, in ``columns`` order) as CSV on stdout, with a header row."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    click.echo(buf.getvalue(), nl=False)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 
 import click
 from rich.table import Table
 
 from ..layers.registry import KINDS
-from ._common import err_console, handle_errors, out_console
+from ._common import echo_csv, err_console, handle_errors, out_console
 
 _COLUMNS = ("name", "kind", "bound", "reference")
 
@@ -34,11 +32,7 @@ def layers(pattern: str, kind: str | None, fmt: str) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(_COLUMNS)
-        writer.writerows([[r[c] for c in _COLUMNS] for r in rows])
-        click.echo(buf.getvalue(), nl=False)
+        echo_csv(_COLUMNS, [[r[c] for c in _COLUMNS] for r in rows])
         return
     if not rows:
         err_console.print(f"no layer matches {pattern!r}" + (f" of kind {kind}" if kind else ""))

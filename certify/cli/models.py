@@ -3,14 +3,12 @@ Lipschitz bound at initialisation, which builds each model, only with ``--bound`
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 
 import click
 from rich.table import Table
 
-from ._common import err_console, handle_errors, out_console
+from ._common import echo_csv, err_console, handle_errors, out_console
 
 #: Columns of the table and the CSV (JSON has every fact).
 _COLUMNS = ("name", "depth", "width", "layer", "head", "certificate", "input_shape", "parameters")
@@ -62,11 +60,7 @@ def models(pattern: str, fmt: str, width: int | None, bound: bool, no_bound: boo
         click.echo(json.dumps(rows, indent=2))
         return
     if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows([[_cell(r.get(c)) for c in columns] for r in rows])
-        click.echo(buf.getvalue(), nl=False)
+        echo_csv(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
         return
     if not rows:
         err_console.print(f"no model matches {pattern!r}")
