@@ -322,7 +322,7 @@ class _Walk:
             w = out.args[1]
             weight = _fetch(self.gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
         if weight is not None and isinstance(x, fx.Node) and x in self.lip:
-            self.feature_lipschitz, self.final_weight = self.lip[x], weight.detach()
+            self.feature_lipschitz, self.final_weight = self.lip[x], weight.detach().clone()
 
     def conv(self, node, x, weight, bias, stride, padding, dilation, groups, kind):
         if isinstance(bias, fx.Node) and bias.op != "get_attr":
@@ -655,7 +655,17 @@ class ForeignModel(nn.Module):
         return copy.deepcopy(self).double().eval()
 
     def foreign_bound(self) -> ForeignBound:
-        return bound_module(self.module, self.input_shape)
+        """The graph walk of the module as its weights are now: computed once per state of the
+        weights (the certificate reads it three times: feature bound, row distances, head norm; a
+        walk of a ResNet-18 takes seconds), recomputed after any change to a parameter or buffer."""
+        from .certificates import state_fingerprint
+
+        key = state_fingerprint(self.module)
+        cached = getattr(self, "_walk", None)
+        if cached is None or cached[0] != key:
+            cached = (key, bound_module(self.module, self.input_shape))
+            self._walk = cached
+        return cached[1]
 
     def _input_factor(self) -> float:
         # the normalisation's bound is exact (1/min std) and multiplies the module's

@@ -470,3 +470,21 @@ def test_a_parametrisation_that_moves_in_every_forward_is_frozen_for_certificati
     assert model.feature_lipschitz_bound() == pytest.approx(1.0)  # Flatten only before the dense layer
     assert float(torch.linalg.matrix_norm(w, 2)) <= model.head.lipschitz_bound() <= float(torch.linalg.matrix_norm(w, 2)) * (1 + 1e-6)
     assert isinstance(user[1].weight, torch.Tensor)  # the user's module is untouched and still works
+
+
+def test_the_graph_walk_is_cached_per_weight_state_and_redone_after_a_change():
+    from certify.foreign import ForeignModel
+
+    torch.manual_seed(0)
+    model = ForeignModel(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10)), (3, 4, 4))
+    first = model.foreign_bound()
+    assert model.foreign_bound() is first  # the same weights: no second walk
+    with torch.no_grad():
+        model.module[1].weight.mul_(2.0)  # an in-place edit bumps the version counter
+    again = model.foreign_bound()
+    assert again is not first and model.head.lipschitz_bound() == pytest.approx(
+        2 * linear_norm(first.final_weight), rel=1e-6)  # the walk's weight is a copy: still the old one
+
+
+def linear_norm(w):
+    return float(torch.linalg.matrix_norm(w.double(), 2))
