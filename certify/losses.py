@@ -17,7 +17,11 @@
   focal-style, ``T alpha (1 - p_y)^beta CE((f - offset onehot(y)) / T, y)`` with ``p_y`` the
   softmax probability of the true class on those logits (alpha 0.25, beta 2, the reference's
   values; the offset defaults as for ``offset``), so that samples with a large margin stop pushing
-  it and capacity goes to the others.
+  it and capacity goes to the others. ``la_alpha`` and ``la_beta`` set alpha and beta.
+- ``emma_la``: logit annealing on EMMA's lifted logits, the loss of the BRONet trainer
+  (ntuaislab/BRONet ``logit_annealing_loss`` with ``lip_reg``; its CIFAR config: alpha 1, beta 5,
+  offset 2.0, temperature 0.75). As that code, the lift keeps at least 1% of eps
+  (``eps_j = clamp((f_y - f_j) / K_yj, 0.01 eps, eps)``), misclassified samples included.
 
 The losses use the NOMINAL Lipschitz constant (what a 1-Lipschitz body would have) to steer
 training; certificates never do: they use the sound bound computed from the weights.
@@ -33,9 +37,11 @@ from torch import nn
 
 from .errors import ConfigError
 
-LOSSES = ("ce", "cr", "offset", "emma", "la")
-#: logit annealing's focal weight (the BRONet reference's defaults)
+LOSSES = ("ce", "cr", "offset", "emma", "la", "emma_la")
+#: logit annealing's focal weight (the BRONet reference's LipConvnet defaults)
 LA_ALPHA, LA_BETA = 0.25, 2.0
+#: ``emma_la``: the least lift, as a fraction of eps (the BRONet trainer's clip of eps_j at 0.01)
+EMMA_LA_FLOOR = 0.01
 
 
 def nominal_lipschitz(model: nn.Module) -> float:
@@ -71,23 +77,25 @@ def margin_lipschitz(model: nn.Module, lipschitz: float) -> torch.Tensor | float
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str, *, gamma: float = 0.5,
                     offset: float = 0.0, temperature: float = 1.0, lipschitz: float = 1.0,
-                    pair_lipschitz: torch.Tensor | float | None = None, eps: float = 36 / 255) -> torch.Tensor:
+                    pair_lipschitz: torch.Tensor | float | None = None, eps: float = 36 / 255,
+                    la_alpha: float = LA_ALPHA, la_beta: float = LA_BETA) -> torch.Tensor:
     """The training loss of each sample (see the module docstring), in float32."""
     logits = logits.float()
     onehot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
     if loss == "offset":
         return F.cross_entropy((logits - offset * onehot) / temperature, labels, reduction="none")
     if loss == "la":
-        ce = F.cross_entropy((logits - offset * onehot) / temperature, labels, reduction="none")
-        p_true = torch.exp(-ce)
-        return temperature * LA_ALPHA * (1 - p_true).pow(LA_BETA) * ce
-    if loss == "emma":
+        return _logit_annealing(logits, labels, onehot, offset, temperature, la_alpha, la_beta)
+    if loss in ("emma", "emma_la"):
         k = pair_lipschitz if pair_lipschitz is not None else math.sqrt(2.0) * lipschitz
         k = k[labels] if isinstance(k, torch.Tensor) else torch.full_like(logits, float(k))
         true = logits.gather(1, labels[:, None])
+        floor = 0.0 if loss == "emma" else EMMA_LA_FLOOR * eps
         with torch.no_grad():
-            eps_j = ((true - logits) / k.clamp_min(1e-12)).clamp(0.0, eps)
+            eps_j = ((true - logits) / k.clamp_min(1e-12)).clamp(floor, eps)
         lifted = logits + (1 - onehot) * eps_j * k
+        if loss == "emma_la":
+            return _logit_annealing(lifted, labels, onehot, offset, temperature, la_alpha, la_beta)
         return F.cross_entropy(lifted / temperature, labels, reduction="none")
     ce = F.cross_entropy(logits / temperature, labels, reduction="none")
     if loss == "cr":
@@ -96,3 +104,11 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str, *, ga
     if loss == "ce":
         return ce
     raise ConfigError(f"unknown loss {loss!r}; choose from {LOSSES}")
+
+
+def _logit_annealing(logits: torch.Tensor, labels: torch.Tensor, onehot: torch.Tensor, offset: float,
+                     temperature: float, alpha: float, beta: float) -> torch.Tensor:
+    """``T alpha (1 - p_y)^beta CE((f - offset onehot(y)) / T, y)``, ``p_y = exp(-CE)``."""
+    ce = F.cross_entropy((logits - offset * onehot) / temperature, labels, reduction="none")
+    p_true = torch.exp(-ce)
+    return temperature * alpha * (1 - p_true).pow(beta) * ce

@@ -9,6 +9,13 @@ crop (padding 4) and horizontal flips, cross-entropy. With the paper's fixes:
 - The losses of :mod:`certify.losses`: cross-entropy, certificate regularisation (CR), offset
   cross-entropy (default offset ``sqrt(2) L 36/255``), EMMA and logit annealing.
 
+For the LiResNet/BRONet recipes (:mod:`certify.recipes`): NAdam and Lookahead
+(:mod:`certify.optim`), a linear warmup of the learning rate over ``warmup_epochs`` (then the
+schedule over the remaining steps, as the LiResNet/BRONet trainers' scheduler), and EMMA's eps
+ramped from ``train_eps_ramp[0]`` to ``train_eps_ramp[1]`` times ``train_eps`` over the first half
+of the steps (the BRONet trainer's ``min_eps_ratio`` / ``max_eps_ratio``). Their defaults (SGD, no
+warmup, eps 36/255 throughout) train exactly as before.
+
 SOC power-iteration refresh as in the paper: one step per training forward (inside ``SOC``), plus
 ``power_iters`` steps for every SOC after each epoch. Every evaluation certifies the validation
 split with :class:`certify.certificates.Certifier` (the sound bound, computed once per evaluation).
@@ -51,7 +58,8 @@ from .certificates import STANDARD_EPS, Certifier, certify_batches, parse_eps
 from .checkpoint import atomic_write_bytes, save
 from .data import ImageDataset, augment_batch, load_dataset, to_float
 from .errors import ConfigError, LipcertError, RunFolderError
-from .losses import LOSSES, default_offset, margin_lipschitz, nominal_lipschitz, per_sample_loss
+from .losses import LA_ALPHA, LA_BETA, LOSSES, default_offset, margin_lipschitz, nominal_lipschitz, per_sample_loss
+from .optim import OPTIMIZERS, build_optimizer
 
 SCHEDULES = ("step", "cosine")
 #: Files a training run writes; ``overwrite`` removes exactly these.
@@ -63,7 +71,7 @@ METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_clean_acc", *EP
                   "lipschitz_bound", "epoch_seconds", "images_per_second", "budget_used_s")
 #: Fields that define the model, the data and the random streams: a resumed run must keep them.
 IDENTITY_FIELDS = ("model", "width", "depth", "layer", "activation", "pooling", "head", "train_terms", "eval_terms",
-                   "backward", "model_options",
+                   "backward", "model_options", "optimizer", "lookahead",
                    "mlp_hidden", "mlp_beta", "dataset", "val_split", "data_seed", "synthetic_size", "limit",
                    "val_limit", "seed", "batch_size")
 MODEL_KWARGS = ("width", "depth", "layer", "activation", "pooling", "head", "train_terms", "eval_terms", "backward",
@@ -114,6 +122,14 @@ class TrainConfig:
     gamma: float = 0.5
     offset: float | None = None
     temperature: float = 1.0
+    la_alpha: float = LA_ALPHA
+    la_beta: float = LA_BETA
+    train_eps: float = EVAL_EPS[0]
+    train_eps_ramp: tuple[float, float] = (1.0, 1.0)
+    optimizer: str = "sgd"
+    lookahead: int = 0
+    lookahead_alpha: float = 0.5
+    warmup_epochs: float = 0.0
     grad_clip: float | None = None
     amp: bool = False
     channels_last: bool = False
@@ -141,6 +157,18 @@ class TrainConfig:
             (self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}"),
             (self.offset is None or self.offset >= 0, f"offset must be >= 0, got {self.offset}"),
             (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
+            (_finite(self.la_alpha) and self.la_alpha > 0, f"la_alpha must be positive, got {self.la_alpha}"),
+            (_finite(self.la_beta) and self.la_beta >= 0, f"la_beta must be >= 0, got {self.la_beta}"),
+            (_finite(self.train_eps) and self.train_eps > 0, f"train_eps must be positive, got {self.train_eps}"),
+            (_ramp_ok(self.train_eps_ramp),
+             f"train_eps_ramp must be two numbers >= 0 (start, end), got {self.train_eps_ramp!r}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}"),
+            (not isinstance(self.lookahead, bool) and isinstance(self.lookahead, int) and self.lookahead >= 0,
+             f"lookahead (steps between slow updates; 0: off) must be an int >= 0, got {self.lookahead!r}"),
+            (_finite(self.lookahead_alpha) and 0 < self.lookahead_alpha <= 1,
+             f"lookahead_alpha must be in (0, 1], got {self.lookahead_alpha}"),
+            (_finite(self.warmup_epochs) and self.warmup_epochs >= 0,
+             f"warmup_epochs must be a number >= 0, got {self.warmup_epochs}"),
             (self.grad_clip is None or self.grad_clip > 0, f"grad clip must be positive, got {self.grad_clip}"),
             (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
             (self.power_iters >= 0, f"power_iters must be >= 0, got {self.power_iters}"),
@@ -185,6 +213,15 @@ class TrainConfig:
         return cls.from_dict(data)
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _ramp_ok(ramp: Any) -> bool:
+    return (isinstance(ramp, (tuple, list)) and len(ramp) == 2
+            and all(_finite(r) and r >= 0 for r in ramp))
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns: the run folder, per-epoch metrics, the best validation row and
@@ -214,6 +251,26 @@ def learning_rate(cfg: TrainConfig, iteration: int, total: int) -> float:
     if iteration >= 0.5 * total:
         return cfg.lr * 0.1
     return cfg.lr
+
+
+def scheduled_lr(cfg: TrainConfig, iteration: int, total: int, warmup: int = 0) -> float:
+    """:func:`learning_rate` after a linear warmup of ``warmup`` = W steps, as the LiResNet/BRONet
+    trainers' scheduler: step i = iteration + 1 gets lr i / W while i < W, then the schedule over
+    the other T - W steps at i - W. Without warmup, :func:`learning_rate` itself."""
+    if warmup <= 0:
+        return learning_rate(cfg, iteration, total)
+    i = iteration + 1
+    if i < warmup:
+        return cfg.lr * i / warmup
+    return learning_rate(cfg, i - warmup, max(total - warmup, 1))
+
+
+def training_eps(cfg: TrainConfig, progress: float) -> float:
+    """EMMA's eps at ``progress`` (steps done / steps planned, in [0, 1]): ``train_eps`` times a
+    ratio going linearly from ``train_eps_ramp[0]`` to ``train_eps_ramp[1]`` over the first half
+    of training, then constant (the BRONet trainer's eps schedule, there per epoch)."""
+    start, end = cfg.train_eps_ramp
+    return cfg.train_eps * (start + (end - start) * min(2.0 * progress, 1.0))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
@@ -487,17 +544,18 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
         # NHWC convolutions: 1.5x faster steps at width 8 and 1.3x at width 16 on a 1-thread CPU,
         # but slower at width 32 (LipConvnet-5, batch 128); checkpoints are saved contiguous.
         model = model.to(memory_format=torch.channels_last)
-    if cfg.loss in ("offset", "la") and cfg.offset is None:
+    if cfg.loss in ("offset", "la", "emma_la") and cfg.offset is None:
         cfg.offset = default_offset(model)
     lip_nominal = nominal_lipschitz(model)
-    optimizer = torch.optim.SGD(parameter_groups(model, cfg.weight_decay, cfg.decay_all), lr=cfg.lr,
-                                momentum=cfg.momentum)
+    optimizer = build_optimizer(parameter_groups(model, cfg.weight_decay, cfg.decay_all), cfg.optimizer, lr=cfg.lr,
+                                momentum=cfg.momentum, lookahead=cfg.lookahead, lookahead_alpha=cfg.lookahead_alpha)
     n_train = len(train_ds)
     batch = min(cfg.batch_size, n_train)
     if batch < d.world:
         raise ConfigError(f"batch size {batch} is smaller than the number of processes ({d.world})")
     steps = n_train // batch  # the last partial batch is dropped, so every step has `batch` images
     total_steps = steps * cfg.epochs
+    warmup = round(cfg.warmup_epochs * steps)
 
     start_epoch, iteration, best, rows = 0, 0, None, []
     if state is not None:
@@ -555,6 +613,9 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
         f"device {device}{f' x {d.world} processes' if d.world > 1 else ''}, run folder {run_dir}")
     if start_epoch:
         log(f"resuming after epoch {start_epoch}")
+    if warmup >= total_steps > 0:
+        log(f"note: the warmup ({cfg.warmup_epochs:g} epochs) is as long as the run or longer: the learning rate "
+            f"rises to {cfg.lr * total_steps / warmup:.3g}, not to --lr {cfg.lr:g}")
     if planner is not None:
         log(f"time budget {cfg.budget_minutes:g} min for the training steps ({planner.used_s:.0f}s used): "
             f"the schedule is fitted to the steps that fit, measured on the first steps")
@@ -576,6 +637,8 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
             aug = _generator(cfg.seed, epoch, 2)
             sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (this rank)
             lr = cfg.lr
+            planned = planner.total_steps(total_steps) if planner else total_steps
+            eps = training_eps(cfg, min(iteration / max(planned, 1), 1.0))
             bars.start_epoch(epoch)
             for step in range(steps):
                 if planner is not None:
@@ -590,15 +653,15 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
                 x, y = to_float(x).to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                lr = learning_rate(cfg, iteration, planner.total_steps(total_steps) if planner else total_steps)
+                lr = scheduled_lr(cfg, iteration, planner.total_steps(total_steps) if planner else total_steps, warmup)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = net(x)
-                pairs = margin_lipschitz(model, lip_nominal) if cfg.loss == "emma" else None
+                pairs = margin_lipschitz(model, lip_nominal) if cfg.loss in ("emma", "emma_la") else None
                 losses = per_sample_loss(logits, y, cfg.loss, gamma=cfg.gamma, offset=cfg.offset or 0.0,
                                          temperature=cfg.temperature, lipschitz=lip_nominal, pair_lipschitz=pairs,
-                                         eps=EVAL_EPS[0])
+                                         eps=eps, la_alpha=cfg.la_alpha, la_beta=cfg.la_beta)
                 # Sum over this rank's share / global batch x world: DDP's gradient average then
                 # equals the gradient of the mean loss over the whole global batch.
                 loss = losses.sum() * (d.world / batch)
@@ -632,6 +695,8 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
                 sums = sums.cpu()
             if not math.isfinite(float(sums[0])):
                 raise ConfigError(f"training diverged (non-finite loss) in epoch {epoch + 1}; lower --lr or set --grad-clip")
+            if hasattr(optimizer, "sync"):
+                optimizer.sync()  # Lookahead: validate and save the slow weights (the BRONet trainer's sync)
             refresh_power_iteration(model, cfg.power_iters)
             train_seconds = time.perf_counter() - t0
             last_epoch = epoch + 1 == cfg.epochs

@@ -27,6 +27,18 @@ Choices where lipcert's registered layers replace the authors' GloRo-normalised 
 - blocks: ``normalize="block"`` (see :mod:`certify.layers.residual`): the GloRo-trained block as a
   nominally 1-Lipschitz layer, residual scale depth^-1/2 as the ICLR code. The authors' centring
   (running means subtracted in training) is left out.
+
+``block="bro"`` swaps the body for the backbone of BRONet (Lai, Huang, Kung & Chen, "Enhancing
+Certified Robustness via Block Reflector Orthogonal Layers and Logit Annealing Loss", ICML 2025;
+code ntuaislab/BRONet, ``backbone_type: bro``): depth x [BRO convolution w->w 3x3 + activation],
+no residual connection, each a block reflector of rank w/2 per frequency (their
+``backbone_weight_rank_ratio`` 0.5) on the zero-padded map (their ``zero_padding``), with their
+regularisation eps 1e-7, and started where their quasi-residual parametrisation starts:
+V = [I; 0] on the centre tap + depth^-1/2 N(0, 1)/(9w) (a fixed reflector, -I on half the
+channels, I on the others), bias 0. V is the trained parameter itself here; theirs is
+V = [I; 0] + depth^-1/2 gamma W with W and a per-channel gamma trained, so their optimiser steps
+on V are about depth^-1/2 of these (Adam-type steps do not depend on the gradient's scale).
+Their centring is left out here too. Stem, neck, dense layers and head are the LiResNet's above.
 """
 
 from __future__ import annotations
@@ -48,13 +60,20 @@ from .lipconvnet import _size2, input_normalisation
 #: the side of the padded input must be a multiple of this (stem stride 2, neck stride 4)
 REDUCTION = 8
 HEADS = ("lln",)
+#: the body's block: LiResNet blocks (Hu et al.) or BRONet's BRO convolutions (Lai et al.)
+BLOCKS = ("liresnet", "bro")
+#: BRONet's backbone BRO layers regularise V^H V with this relative eps (their dense/neck BRO: 1e-5)
+BRO_BACKBONE_EPS = 1e-7
 
 
 def _padded(size: tuple[int, int]) -> tuple[int, int]:
     return (-(-size[0] // REDUCTION) * REDUCTION, -(-size[1] // REDUCTION) * REDUCTION)
 
 
-def _check(depth: int, width: int, features: int, dense_layers: int, head: str, num_classes: int) -> None:
+def _check(depth: int, width: int, features: int, dense_layers: int, head: str, num_classes: int,
+           block: str = "liresnet") -> None:
+    if block not in BLOCKS:
+        raise ConfigError(f"unknown LiResNet block {block!r}; choose from {', '.join(BLOCKS)}")
     if depth < 1:
         raise ConfigError(f"LiResNet depth must be >= 1, got {depth}")
     if width < 2 or width % 2:
@@ -93,8 +112,11 @@ class LiResNet(LipschitzNet):
         features, dense_layers: the CHORD dense part (paper: 2048, 9).
         activation: a registered activation (MaxMin, the authors').
         head: ``"lln"`` (the only one).
-        block_scale: the blocks' residual scale (default depth^-1/2, the ICLR code's).
-        block_normalize: the blocks' ``normalize`` (``"block"`` or ``"residual"``).
+        block: ``"liresnet"`` (LiResNet blocks) or ``"bro"`` (BRONet's BRO convolutions; see the
+            module docstring).
+        block_scale: the blocks' residual scale (default depth^-1/2, the ICLR code's); with
+            ``block="bro"`` the scale of V's initial deviation from [I; 0] (their quasi-residual scale).
+        block_normalize: the LiResNet blocks' ``normalize`` (``"block"`` or ``"residual"``).
         train_terms, eval_terms, backward, eval_mode, eval_tol: the SOC layers' options.
     """
 
@@ -113,6 +135,7 @@ class LiResNet(LipschitzNet):
         std: Sequence[float] | None = None,
         block_scale: float | None = None,
         block_normalize: str = "block",
+        block: str = "liresnet",
         train_terms: int = 6,
         eval_terms: int = 15,
         backward: str = "fast",
@@ -120,7 +143,7 @@ class LiResNet(LipschitzNet):
         eval_tol: float = 1e-6,
     ) -> None:
         super().__init__()
-        _check(depth, width, features, dense_layers, head, num_classes)
+        _check(depth, width, features, dense_layers, head, num_classes, block)
         self.mean, self.std = input_normalisation(in_channels, mean, std)
         self.depth, self.width, self.num_classes = depth, width, num_classes
         self.input_shape = (in_channels, *_size2(input_size))
@@ -135,6 +158,9 @@ class LiResNet(LipschitzNet):
             if kind == "soc":  # built in order: the seeded initialisation depends on it
                 cin, cout, k, stride = args
                 layers.append((name, make_layer("soc", cin, cout, k, stride=stride, kind="convolution", **soc_kw)))
+            elif kind == "block" and block == "bro":
+                c, size = args
+                layers.append((name, _bro_block(c, size, scale)))
             elif kind == "block":
                 c, size = args
                 layers.append((name, make_layer("liresnet", c, c, 3, scale=scale, normalize=block_normalize,
@@ -150,6 +176,22 @@ class LiResNet(LipschitzNet):
         self.head = make_layer("lln", features, num_classes, kind="head")
 
 
+def _bro_block(channels: int, size: tuple[int, int], scale: float) -> nn.Module:
+    """One BRONet backbone layer: a rank-c/2 BRO convolution on the zero-padded map, started as
+    BRONet's quasi-residual parametrisation starts (V = [I; 0] on the centre tap plus
+    ``scale`` N(0, 1)/(9c), bias 0)."""
+    layer = make_layer("bro", channels, channels, 3, rank=channels // 2, padding="zero", eps=BRO_BACKBONE_EPS,
+                       input_size=size, kind="convolution")
+    with torch.no_grad():
+        v = layer.weight  # (c, rank, 3, 3)
+        noise = torch.randn(v.shape, dtype=v.dtype, device=v.device) * (scale / (9 * channels))
+        v.copy_(noise)
+        rank = v.shape[1]
+        v[:rank, :rank, 1, 1] += torch.eye(rank, dtype=v.dtype, device=v.device)
+        layer.bias.zero_()
+    return layer
+
+
 def liresnet_facts(**kwargs) -> dict[str, Any]:
     """Static facts of ``LiResNet(**kwargs)``: built on the meta device (shapes only, no memory),
     so the parameter count is the model's own."""
@@ -161,16 +203,17 @@ def liresnet_facts(**kwargs) -> dict[str, Any]:
         raise ConfigError(str(e)) from None
     args.apply_defaults()
     a = args.arguments
-    _check(a["depth"], a["width"], a["features"], a["dense_layers"], a["head"], a["num_classes"])
+    _check(a["depth"], a["width"], a["features"], a["dense_layers"], a["head"], a["num_classes"], a["block"])
     with torch.device("meta"):
         model = LiResNet(**kwargs)
     return {"family": "LiResNet", "depth": a["depth"], "width": a["width"], "features": a["features"],
-            "dense_layers": a["dense_layers"], "layer": "liresnet", "activation": a["activation"], "head": a["head"],
+            "dense_layers": a["dense_layers"], "layer": a["block"], "activation": a["activation"], "head": a["head"],
             "certificate": model.certificate, "num_classes": a["num_classes"], "input_shape": list(model.input_shape),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
 @register_model(facts=liresnet_facts)
 def liresnet(**kwargs) -> LiResNet:
-    """LiResNet (NeurIPS 2023) with CHORD dense layers (ICLR 2024): SOC stem, LiResNet blocks, LLN head."""
+    """LiResNet (NeurIPS 2023) with CHORD dense layers (ICLR 2024): SOC stem, LiResNet blocks (or BRONet's BRO
+    convolutions: ``block="bro"``), LLN head."""
     return LiResNet(**kwargs)

@@ -119,3 +119,68 @@ def test_onnx_export_with_angle_activations_after_the_dense_layers(activation, t
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(load_any(tmp_path / "m.onnx")(x), model(x), atol=1e-4)
+
+
+# ---- block="bro": the BRONet backbone (Lai et al., ICML 2025) -------------------------------------
+
+def test_bro_backbone_starts_as_bronets_quasi_residual_and_is_certified_at_one():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = create_model("liresnet", width=8, depth=2, features=16, input_size=16, block="bro")
+    names = [type(m).__name__ for m in model.body.values()]
+    assert names == ["SOC", "MaxMin", "BROConv2d", "MaxMin", "BROConv2d", "MaxMin", "SOC", "SOC", "CholeskyLinear",
+                     "MaxMin", "CholeskyLinear", "MaxMin"]
+    layer = model.body["block1-conv"]
+    assert (layer.rank, layer.padding, layer.eps) == (4, "zero", 1e-7) and torch.equal(layer.bias, torch.zeros(8))
+    v = layer.weight.detach()
+    ident = torch.zeros_like(v)
+    ident[:4, :4, 1, 1] = torch.eye(4)
+    assert (v - ident).abs().max() < 2 ** -0.5 * 5 / 72  # [I; 0] on the centre tap + depth^-1/2 N(0,1)/(9w)
+    model.eval()
+    bounds = {b.name: b.bound for b in model.layer_bounds()}
+    assert 1.0 <= bounds["block1.conv"] <= 1.0 + 1e-4  # orthogonal, up to the FFT rounding allowance
+    x = torch.rand(2, 8, 8, 8)
+    with torch.no_grad():  # at its start the reflector is -I on half the channels and I on the others
+        y = layer(x) - layer.bias[None, :, None, None]
+    assert (y[:, :4] + x[:, :4]).norm() < 0.25 * x[:, :4].norm()
+    assert (y[:, 4:] - x[:, 4:]).norm() < 0.25 * x[:, 4:].norm()
+
+
+def test_default_block_is_unchanged_and_bad_blocks_are_refused():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        a = create_model("liresnet", width=4, depth=2, features=8, input_size=16)
+        torch.manual_seed(0)
+        b = create_model("liresnet", width=4, depth=2, features=8, input_size=16, block="liresnet")
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert model_facts("liresnet")["layer"] == "liresnet"
+    with pytest.raises(ConfigError, match="unknown LiResNet block 'sll'"):
+        create_model("liresnet", width=4, depth=1, block="sll")
+
+
+def test_bro_backbone_trains_bakes_and_reloads_exactly(tmp_path):
+    from certify.checkpoint import save
+    from certify.loading import load
+
+    model = _model(block="bro", width=8)
+    opt = torch.optim.NAdam(model.parameters(), lr=1e-2)
+    x = torch.rand(8, 3, 16, 16)
+    model.train()
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(x), torch.arange(8) % 10)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    bounds = {b.name: b.bound for b in model.layer_bounds()}
+    assert all(bounds[f"block{i}.conv"] <= 1.0 + 1e-4 for i in (1, 2))
+    assert model.feature_lipschitz_bound() <= (1 / min(model.std)) * (1 + 1e-3)
+    baked = bake(model)
+    with torch.no_grad():
+        assert torch.allclose(baked(x), model(x), atol=1e-5)
+    save(tmp_path / "m.safetensors", model)
+    again = load(tmp_path / "m.safetensors")  # rebuilt from the registry with block="bro"
+    assert type(again.body["block1-conv"]).__name__ == "BROConv2d"
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))

@@ -9,6 +9,7 @@ import click
 from click.core import ParameterSource
 
 from ._common import handle_errors, out_console, resolve_device
+from ..recipes import RECIPES
 
 _ACTIVATIONS = ("maxmin", "hh1", "hh2")
 _POOLINGS = ("max", "lip")
@@ -34,6 +35,21 @@ def _parse_model_options(ctx, param, values):
         except json.JSONDecodeError:
             out[key] = raw
     return out or None
+
+
+class _Radius(click.ParamType):
+    """An l2 radius: a fraction (36/255) or a decimal (0.14)."""
+
+    name = "EPS"
+
+    def convert(self, value, param, ctx):
+        from certify.certificates import parse_eps
+        from certify.errors import ConfigError
+
+        try:
+            return parse_eps(value)
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
 
 
 def _model_options(f):
@@ -96,15 +112,38 @@ def _model_options(f):
 @click.option("--decay-all", is_flag=True, help="Apply weight decay to every parameter.")
 @click.option("--schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True,
               help="step: lr x0.1 at 50% and 75% of the iterations (the paper); cosine: to 0.")
-@click.option("--loss", type=click.Choice(["ce", "cr", "offset", "emma", "la"]), default="ce", show_default=True,
+@click.option("--loss", type=click.Choice(["ce", "cr", "offset", "emma", "la", "emma_la"]), default="ce",
+              show_default=True,
               help="ce: cross-entropy; cr: CE - gamma*mean(relu(radius)); offset: CE with the true logit lowered by "
-                   "--offset; emma: CE on the worst-case logits within 36/255 (Hu et al. 2023); la: logit annealing, "
-                   "a focal-weighted offset CE (Lai et al. 2025).")
+                   "--offset; emma: CE on the worst-case logits within --train-eps (Hu et al. 2023); la: logit "
+                   "annealing, a focal-weighted offset CE (Lai et al. 2025); emma_la: la on EMMA's worst-case logits "
+                   "(the BRONet trainer's loss).")
 @click.option("--gamma", type=click.FloatRange(min=0), default=0.5, show_default=True, help="CR weight (--loss cr).")
 @click.option("--offset", type=click.FloatRange(min=0), default=None,
-              help="Logit offset for --loss offset and la (default sqrt(2)/min(std)*36/255, the margin certifying 36/255).")
+              help="Logit offset for --loss offset, la and emma_la (default sqrt(2)/min(std)*36/255, the margin "
+                   "certifying 36/255).")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Logits are divided by this before the softmax.")
+@click.option("--la-alpha", type=click.FloatRange(min=0, min_open=True), default=0.25, show_default=True,
+              help="Logit annealing's weight alpha (--loss la, emma_la).")
+@click.option("--la-beta", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Logit annealing's exponent beta on (1 - p_true) (--loss la, emma_la).")
+@click.option("--train-eps", type=_Radius(), default="36/255", show_default=True,
+              help="The radius EMMA lifts the other logits for (--loss emma, emma_la).")
+@click.option("--train-eps-ramp", type=click.FloatRange(min=0), nargs=2, default=(1.0, 1.0), show_default=True,
+              metavar="START END",
+              help="--train-eps times a ratio growing linearly from START to END over the first half of the steps, "
+                   "then END (the BRONet trainer: 0.1 3.0).")
+@click.option("--optimizer", type=click.Choice(["sgd", "nadam"]), default="sgd", show_default=True,
+              help="sgd: with --momentum (the SOC papers); nadam: NAdam, torch's defaults (the LiResNet/BRONet "
+                   "trainers).")
+@click.option("--lookahead", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
+              help="Lookahead around the optimizer: every K steps the slow weights move --lookahead-alpha of the "
+                   "way to the fast ones, which restart from them, and once more after each epoch; 0: off.")
+@click.option("--lookahead-alpha", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Lookahead's step towards the fast weights.")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Linear learning-rate warmup over this many epochs, then --schedule over the other steps.")
 @click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=None, help="Clip the gradient norm.")
 @click.option("--channels-last", is_flag=True,
               help="NHWC memory format: faster for narrow networks on a CPU (1.5x per step at width 8, "
@@ -122,9 +161,11 @@ def _model_options(f):
               help="Certify the validation split every N epochs (and after the last).")
 @click.option("--power-iters", type=click.IntRange(min=0), default=50, show_default=True,
               help="SOC power-iteration steps after each epoch.")
-@click.option("--recipe", type=click.Choice(["paper", "budget"]), default=None,
-              help="Fill the options not given from a preset: paper (the paper's LipConvnet-5 recipe) or budget "
-                   "(the best certified accuracy per minute, for --budget-minutes; default 70).")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help="Fill the options not given from a preset: paper (the paper's LipConvnet-5 recipe), budget "
+                   "(the best certified accuracy per minute, for --budget-minutes; default 70) or bronet-cifar "
+                   "(BRONet's published CIFAR-10/100 configuration, for GPUs; --model-option KEY=VALUE overrides "
+                   "one of its model options).")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Train for this many minutes of wall clock (validation and checkpoints not counted): the "
                    "steps are planned from the measured step time and the schedule fits them; --epochs is a cap.")
@@ -160,6 +201,11 @@ def train(**opts) -> None:
         cfg.resume, cfg.overwrite = True, False
     else:
         given = {k: v for k, v in opts.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+        if recipe is not None and given.get("model_options"):
+            # a recipe's model options are defaults too: --model-option overrides its key only
+            from certify.recipes import recipe_defaults
+
+            given["model_options"] = {**(recipe_defaults(recipe).get("model_options") or {}), **given["model_options"]}
         cfg = TrainConfig(**apply_recipe(recipe, given, opts))
     result = run_training(cfg, progress=progress)
     _print_summary(result)
