@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import cpu_name, run_rows, start_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("paper", "budget")
+ROWS = ("paper", "budget", "budget-bro")
 EPS = ("36_255", "72_255", "108_255")
 LIPCERT = [sys.executable, "-c", "from certify.cli import main; main()"]
 

@@ -81,11 +81,24 @@ def _wait(proc) -> tuple[int, float]:
     return proc.returncode, usage.ru_maxrss / 1024
 
 
+def _row_args(args) -> dict[str, list[str]]:
+    """``--row-args LAYER=ARGS``: extra training options of one row (reported beside the table)."""
+    out: dict[str, list[str]] = {}
+    for item in args.row_args:
+        layer, sep, extra = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--row-args takes LAYER=ARGS, got {item!r}")
+        out[layer] = shlex.split(extra)
+    return out
+
+
 def row_commands(layer: str, args, out: Path) -> list[tuple[str, list[str]]]:
     run = out / layer
-    train = [*LIPCERT, "train", "--model", f"convnet_{args.size}", "--layer", layer, "--budget-minutes",
+    shape = [] if args.layers_per_block is None else ["--model-option", f"layers_per_block={args.layers_per_block}"]
+    train = [*LIPCERT, "train", "--model", f"convnet_{args.size}", "--layer", layer, *shape, "--budget-minutes",
              str(args.budget_minutes), "--output", str(run / "run"), "--seed", str(args.seed), "--no-progress",
-             "--device", "cpu", "--workers", "0", *_data_args(args), *shlex.split(args.train_args)]
+             "--device", "cpu", "--workers", "0", *_data_args(args), *shlex.split(args.train_args),
+             *_row_args(args).get(layer, [])]
     common = ["--device", "cpu"] + ([] if args.synthetic else ["--data-dir", args.data_dir])
     certify = [*LIPCERT, "certify", str(run / "run" / "best.safetensors"), "--output", str(run / "certify"),
                "--format", "json", *common]
@@ -108,7 +121,9 @@ def run_row(layer: str, args, out: Path, core: int | None) -> dict:
             result["train_peak_mib"] = round(peak, 1)
         if code != 0 and step != "audit":  # an audit exits 3 on a violation: reported, not fatal
             result["error"] = f"{step} exited {code}; see {log}"
-            return result
+            break
+    # kept beside the row so that --report-only can rebuild the table from several invocations
+    (out / layer / "row.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -200,18 +215,34 @@ def main(argv=None) -> int:
     p.add_argument("--audit-limit", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None)
+    p.add_argument("--layers-per-block", type=int, default=None,
+                   help="convolutions per block (the study's ConvNet: 5); fewer fit a CPU budget")
+    p.add_argument("--row-args", action="append", default=[], metavar="LAYER=ARGS",
+                   help="extra training options of one row, e.g. 'conv=--lr 0.01' (listed in the report)")
+    p.add_argument("--one-core", type=int, default=None, metavar="CORE",
+                   help="run the rows one after the other, pinned to this core with one thread")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the table from every row already in --output")
     args = p.parse_args(argv)
     layers = args.layers.split(",") if args.layers else _convolutions()
     out = Path(args.output) if args.output else (
         ROOT / "bench" / "results" / f"{dt.date.today().isoformat()}-layers-compared-{args.size}-{args.budget_minutes:g}min")
-    if any((out / layer).exists() for layer in layers):
-        p.error(f"{out} already holds rows for some of {layers}; pick another --output")
-    out.mkdir(parents=True, exist_ok=True)
     env = (f"{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
            + (f"{args.parallel} rows at a time, one core and one thread each" if args.parallel > 1
+              else "rows one after the other, one core and one thread" if args.one_core is not None
               else "rows one after the other, unpinned"))
-    print(f"layers_compared: convnet_{args.size}, {args.budget_minutes:g} min per row, {env}", file=sys.stderr)
-    raw = schedule(layers, args, out)
+    if args.report_only:
+        layers = sorted(d.name for d in out.iterdir() if (d / "row.json").is_file()) if out.is_dir() else []
+        if not layers:
+            p.error(f"{out} holds no rows (row.json) to report")
+        raw = {layer: json.loads((out / layer / "row.json").read_text()) for layer in layers}
+    else:
+        if any((out / layer).exists() for layer in layers):
+            p.error(f"{out} already holds rows for some of {layers}; pick another --output")
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"layers_compared: convnet_{args.size}, {args.budget_minutes:g} min per row, {env}", file=sys.stderr)
+        raw = ({layer: run_row(layer, args, out, args.one_core) for layer in layers} if args.one_core is not None
+               else schedule(layers, args, out))
     rows = [summarise(layer, out, raw[layer]) for layer in layers]
     ref = next((r for r in rows if r["layer"] == "conv" and "error" not in r), None)
     for r in rows:
@@ -226,7 +257,9 @@ def main(argv=None) -> int:
     cmd = " ".join(shlex.quote(a) for a in ["python", "bench/layers_compared.py", *(argv or sys.argv[1:])])
     lines = [f"# 1-Lipschitz layers compared: convnet_{args.size}, {args.budget_minutes:g} minutes of training each "
              f"({dt.date.today()})", "", f"- command: `{cmd}`", f"- environment: {env}",
-             f"- recipe (every row): `{args.train_args}`",
+             f"- recipe (every row): `{args.train_args}`"
+             + (f"; {args.layers_per_block} convolution(s) per block" if args.layers_per_block else ""),
+             *[f"- row options: {item}" for item in args.row_args],
              "- data: " + ("synthetic (smoke test)" if args.synthetic else
                            f"{args.data_dir} (CIFAR-10 training JPEGs), 45,000 training / 5,000 validation images "
                            "(data seed 0)") + "; accuracies on the VALIDATION split, certified with the sound bound",

@@ -52,11 +52,12 @@ def environment() -> str:
             f"threads {torch.get_num_threads()}, python {platform.python_version()}")
 
 
-def pair_models(depth: int, width: int, train: bool):
-    """The baseline and lipcert's model with identical weights (lipcert's layout is the same)."""
+def pair_models(depth: int, width: int, train: bool, **options):
+    """The baseline and lipcert's model with identical weights (lipcert's layout is the same);
+    ``options`` go to lipcert's model (e.g. ``train_terms="auto"``)."""
     torch.manual_seed(0)
     base = BaselineLipConvNet(depth=depth, width=width)
-    ours = create_model(f"lipconvnet{depth}", width=width, eval_mode="fast")
+    ours = create_model(f"lipconvnet{depth}", width=width, eval_mode="fast", **options)
     src = [m for m in base.modules() if type(m).__name__ == "BaselineSOC"]
     dst = [m for m in ours.modules() if type(m).__name__ == "SOC"]
     assert len(src) == len(dst)
@@ -121,26 +122,48 @@ def bench_certify(depth, width, batch, repeats, runs=(10_000, 50_000)):
     return rows
 
 
-def train_step(model, opt, x, y):
+def train_step(model, opt, x, y, amp: bool = False):
     opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(x), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):  # `lipcert train --amp` on a CPU
+        out = model(x)
+    loss = torch.nn.functional.cross_entropy(out.float(), y)
     loss.backward()
     opt.step()
 
 
 def bench_train(depth, width, batch, repeats):
+    """Interleaved step times of the baseline, lipcert (6 Taylor terms, as the paper) and lipcert
+    with ``train_terms="auto"`` (issue 17: per layer, the fewest Chebyshev terms within train_tol
+    of exp(A) for the sound norm bound). The auto row's one-time bound refresh is timed apart and
+    amortised over :data:`TRAIN_BOUND_EVERY` steps in ``auto_s``."""
+    from certify.layers import soc as soc_mod
+
     base, ours = pair_models(depth, width, train=True)
+    _, auto = pair_models(depth, width, train=True, train_terms="auto")
+    _, amp = pair_models(depth, width, train=True, train_terms="auto")
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     ob = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9)
     oo = torch.optim.SGD(ours.parameters(), lr=0.01, momentum=0.9)
+    oa = torch.optim.SGD(auto.parameters(), lr=0.01, momentum=0.9)
+    om = torch.optim.SGD(amp.parameters(), lr=0.01, momentum=0.9)
     train_step(base, ob, x, y), train_step(ours, oo, x, y)  # warm-up
-    tb, to = [], []
+    first = timed(lambda: train_step(auto, oa, x, y))  # refreshes every layer's bound
+    train_step(amp, om, x, y, amp=True)
+    tb, to, ta, tm = [], [], [], []
     for _ in range(repeats):
         tb.append(timed(lambda: train_step(base, ob, x, y)))
         to.append(timed(lambda: train_step(ours, oo, x, y)))
-    b, o = statistics.median(tb), statistics.median(to)
+        ta.append(timed(lambda: train_step(auto, oa, x, y)))
+        tm.append(timed(lambda: train_step(amp, om, x, y, amp=True)))
+    b, o, a, m = statistics.median(tb), statistics.median(to), statistics.median(ta), statistics.median(tm)
+    refresh = max(first - a, 0.0)
+    a_amortised = a + refresh / soc_mod.TRAIN_BOUND_EVERY
+    m_amortised = m + refresh / soc_mod.TRAIN_BOUND_EVERY
+    terms = [m.terms for m in auto.modules() if isinstance(m, SOC)]
     gb, go = gflops(lambda: train_step(base, ob, x, y)), gflops(lambda: train_step(ours, oo, x, y))
     return {"depth": depth, "batch": batch, "baseline_s": b, "lipcert_s": o, "speedup": b / o,
+            "auto_s": a_amortised, "auto_speedup": b / a_amortised, "auto_refresh_s": refresh, "auto_terms": terms,
+            "auto_amp_s": m_amortised, "auto_amp_speedup": b / m_amortised,
             "baseline_gflop": gb, "lipcert_gflop": go, "baseline_gflop_s": gb / b, "lipcert_gflop_s": go / o}
 
 
@@ -182,6 +205,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="width 8, small batches, 3 repeats")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--train-depths", default="5,10", help="LipConvnet depths of the train section")
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--sections", default="certify,train,memory,batch,profile,scaling",
                    help="comma-separated subset of certify,train,memory,batch,profile,scaling")
@@ -201,7 +225,7 @@ def main() -> None:
     if "certify" in sections:
         certify_section(width, cbatch, repeats)
     if "train" in sections:
-        train_section(width, tbatch, repeats)
+        train_section(width, tbatch, repeats, tuple(int(d) for d in args.train_depths.split(",")))
     if "memory" in sections:
         memory_section(width, tbatch)
     if "batch" in sections:
@@ -238,16 +262,39 @@ def certify_section(width, cbatch, repeats):
               f"{r['baseline_gflop_s']:.0f} | {r['lipcert_gflop_s']:.0f} |")
 
 
-def train_section(width, tbatch, repeats):
+def train_section(width, tbatch, repeats, depths=(5, 10)):
     print("\n## Training step (forward + backward + SGD), batch", tbatch)
     print("| model | baseline (fast backward) s | lipcert s | speedup | baseline GFLOP | lipcert GFLOP | "
           "baseline GFLOP/s | lipcert GFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
-    for depth in (5, 10):
+    rows = []
+    for depth in depths:
         r = bench_train(depth, width, tbatch, repeats)
+        rows.append(r)
         print(f"| LipConvnet-{depth} | {r['baseline_s']:.2f} | {r['lipcert_s']:.2f} | {r['speedup']:.2f}x | "
               f"{r['baseline_gflop']:.0f} | {r['lipcert_gflop']:.0f} | {r['baseline_gflop_s']:.0f} | "
               f"{r['lipcert_gflop_s']:.0f} |", flush=True)
+    print("\n`--train-terms auto` (per layer, the fewest Chebyshev terms within train_tol 0.02 of exp(A) for the")
+    print("sound norm bound; its bound refresh amortised over its refresh interval), same weights, interleaved:\n")
+    print("The last two columns add bfloat16 autocast (`--amp`) to auto: it needs bf16 units (AMX/AVX512-BF16")
+    print(f"here: {_bf16_units()}) to pay off on a CPU.\n")
+    print("| model | baseline s | lipcert 6 terms s | lipcert auto s | auto vs baseline | auto vs 6 terms | "
+          "refresh s (once per interval) | terms per SOC layer | auto + amp s | auto + amp vs baseline |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| LipConvnet-{r['depth']} | {r['baseline_s']:.2f} | {r['lipcert_s']:.2f} | {r['auto_s']:.2f} | "
+              f"{r['auto_speedup']:.2f}x | {r['lipcert_s'] / r['auto_s']:.2f}x | {r['auto_refresh_s']:.1f} | "
+              f"{' '.join(map(str, r['auto_terms']))} | {r['auto_amp_s']:.2f} | {r['auto_amp_speedup']:.2f}x |",
+              flush=True)
+
+
+def _bf16_units() -> str:
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return "unknown"
+    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return ", ".join(found) if found else "none"
 
 
 def memory_section(width, tbatch):

@@ -97,7 +97,7 @@ class TrainConfig:
     activation: str | None = None
     pooling: str | None = None
     head: str | None = None
-    train_terms: int | None = None
+    train_terms: int | str | None = None  # an integer >= 2, or "auto" (SOC: degree from the sound bound)
     eval_terms: int | None = None
     backward: str | None = None
     mlp_hidden: int | None = None

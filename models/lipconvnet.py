@@ -108,11 +108,12 @@ class LipConvNet(LipschitzNet):
         width: int = 32,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        train_terms: int = 6,
+        train_terms: int | str = 6,
         eval_terms: int = 15,
         backward: str = "fast",
         eval_mode: str = "taylor",
         eval_tol: float = 1e-6,
+        train_tol: float = 0.02,
         mlp_hidden: int = 4096,
         mlp_beta: float = 1.0,
     ) -> None:
@@ -124,7 +125,7 @@ class LipConvNet(LipschitzNet):
         self.padded_size = _padded(self.input_shape[1:])
 
         soc_kw = dict(train_terms=train_terms, eval_terms=eval_terms, backward=backward,
-                      eval_mode=eval_mode, eval_tol=eval_tol)
+                      eval_mode=eval_mode, eval_tol=eval_tol, train_tol=train_tol)
         self.normalize = Normalize(self.mean, self.std)
 
         specs, out_c = _layout(depth, in_channels, width, head)

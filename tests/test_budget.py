@@ -154,15 +154,17 @@ def test_recipes_fill_only_what_was_not_given():
         TrainConfig(**{k: v for k, v in recipe_defaults(name).items()}).validate()
 
 
-def test_cli_recipe_budget(tmp_path):
+@pytest.mark.parametrize("recipe, width", [("budget", 2), ("budget-bro", 4)])
+def test_cli_recipe_budget(tmp_path, recipe, width):
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["train", "--recipe", "budget", "--budget-minutes", "0.05", "--width", "2",
+    r = CliRunner().invoke(cli, ["train", "--recipe", recipe, "--budget-minutes", "0.05", "--width", str(width),
                                  "--synthetic-size", "40", "--batch-size", "12", "--power-iters", "1",
                                  "--device", "cpu", "--no-progress", "--channels-last", "--output", str(out)])
     assert r.exit_code == 0, r.output
     config = json.loads((out / "config.json").read_text())
     assert config["channels_last"] is True
-    assert config["recipe"] == "budget" and config["width"] == 2 and config["loss"] == "offset"
+    assert config["recipe"] == recipe and config["width"] == width and config["loss"] == "offset"
+    assert config["model"] == RECIPES[recipe]["model"]
     assert config["schedule"] == "cosine" and config["budget_minutes"] == 0.05
     assert "time budget 0.05 min" in r.stderr
     state = torch.load(out / "train_state.pt", weights_only=True)

@@ -52,6 +52,23 @@ class _Radius(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class _TrainTerms(click.ParamType):
+    """An integer >= 2 or ``auto``."""
+
+    name = "INTEGER|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            terms = int(value)
+        except ValueError:
+            terms = None
+        if terms is None or terms < 2:
+            self.fail(f"{value!r} is neither an integer >= 2 nor 'auto'", param, ctx)
+        return terms
+
+
 def _model_options(f):
     opts = [
         click.option("--model", default="lipconvnet5", show_default=True, help="Registered model (see `lipcert models`)."),
@@ -68,7 +85,10 @@ def _model_options(f):
         click.option("--pooling", type=click.Choice(_POOLINGS), default=None, help="Channel pooling (default max)."),
         click.option("--head", type=click.Choice(_HEADS), default=None,
                      help="Last layer (LipConvnets: ortho, lln, mlp; default ortho. ConvNets: layer, lln; default layer)."),
-        click.option("--train-terms", type=click.IntRange(min=2), default=None, help="SOC Taylor terms in training (default 6)."),
+        click.option("--train-terms", type=_TrainTerms(), default=None,
+                     help="SOC Taylor terms in training (default 6), or 'auto': per layer, the fewest Chebyshev "
+                          "terms within --model-option train_tol (default 0.02) of exp(A) for the layer's sound "
+                          "norm bound."),
         click.option("--eval-terms", type=click.IntRange(min=2), default=None, help="SOC Taylor terms in evaluation (default 15)."),
         click.option("--backward", type=click.Choice(["fast", "exact"]), default=None,
                      help="SOC backward: the paper's fast approximate filter gradient, or exact autograd."),
@@ -163,7 +183,8 @@ def _model_options(f):
               help="SOC power-iteration steps after each epoch.")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
               help="Fill the options not given from a preset: paper (the paper's LipConvnet-5 recipe), budget "
-                   "(the best certified accuracy per minute, for --budget-minutes; default 70) or bronet-cifar "
+                   "(the best certified accuracy per CPU minute measured: a SOC LipConvnet-5 at width 8, for --budget-minutes; "
+                   "default 70), budget-bro (a BRO ConvNet, best at 15 minutes) or bronet-cifar "
                    "(BRONet's published CIFAR-10/100 configuration, for GPUs; --model-option KEY=VALUE overrides "
                    "one of its model options).")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -158,6 +158,59 @@ class _FastSOC(torch.autograd.Function):
         return grad_x, grad_skew, None
 
 
+class _FastPoly(torch.autograd.Function):
+    """``p(A) x = sum_k m_k A^k x`` for a polynomial given by its monomial coefficients in A, with
+    the fast backward of :class:`_FastSOC` generalised: writing ``p(A) = m_0 + A q(A)``, the
+    forward saves only ``z = q(A) x``, the input gradient ``p(A)^T g = p(-A) g`` is exact, and the
+    filter gradient is ONE weight-gradient convolution of ``z`` against ``w = q(A)^T g`` (for the
+    Taylor coefficients this is the paper's backward exactly). Used with the Chebyshev
+    coefficients that :meth:`SOC.train_polynomial` chooses from the layer's sound norm bound."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, skew: torch.Tensor, coeffs: tuple[float, ...]) -> torch.Tensor:
+        # out of place, as _FastSOC: under autocast the sums promote to x's dtype, so the saved z
+        # matches the filter's dtype in the backward (which runs outside autocast)
+        z = coeffs[-1] * x
+        for c in coeffs[-2:0:-1]:
+            z = _apply_op(z, skew) + c * x
+        ctx.save_for_backward(z, skew)
+        ctx.coeffs = coeffs
+        return _apply_op(z, skew) + coeffs[0] * x
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        z, skew = ctx.saved_tensors
+        coeffs = ctx.coeffs
+        grad_out = grad_out.to(z.dtype)
+        w = coeffs[-1] * grad_out
+        for c in coeffs[-2:0:-1]:
+            w = _apply_op(w, skew, adjoint=True).add_(grad_out, alpha=c)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _apply_op(w, skew, adjoint=True).add_(grad_out, alpha=coeffs[0])
+        grad_skew = None
+        if ctx.needs_input_grad[1]:
+            if skew.dim() == 2:
+                grad_skew = w.T @ z
+            else:
+                grad_skew = torch.nn.grad.conv2d_weight(z, skew.shape, w, padding=skew.shape[-1] // 2)
+        return grad_x, grad_skew, None
+
+
+def polynomial_series(x: torch.Tensor, skew: torch.Tensor, coeffs: tuple[float, ...]) -> torch.Tensor:
+    """``sum_k m_k conv_A^k(x)`` by Horner's rule with plain autograd (exact gradients)."""
+    z = coeffs[-1] * x
+    for c in coeffs[-2::-1]:
+        z = _apply_op(z, skew) + c * x
+    return z
+
+
+#: sound-bound refreshes of an ``train_terms="auto"`` layer: every this many training forwards
+TRAIN_BOUND_EVERY = 100
+#: headroom on the refreshed bound, for the weights' drift until the next refresh
+TRAIN_BOUND_MARGIN = 0.02
+
+
 @dataclass
 class _EvalPlan:
     """Input-independent tensors of a SOC layer's fast evaluation, and their sound bound."""
@@ -201,6 +254,14 @@ class SOC(LipschitzLayer):
         stride: 1, or 2 by an invertible space-to-depth rearrangement (``pixel_unshuffle``).
         bias: add a learnable bias after the orthogonal map (does not change the Lipschitz constant).
         train_terms, eval_terms: number of Taylor terms K in training and in evaluation.
+            ``train_terms="auto"`` trains with the Chebyshev polynomial of the fewest terms whose
+            error bound is below ``train_tol``, for ``a`` the layer's SOUND norm bound on its real
+            map size (refreshed every :data:`TRAIN_BOUND_EVERY` training forwards, with
+            :data:`TRAIN_BOUND_MARGIN` headroom for the drift in between; see
+            :meth:`train_polynomial`): the trained function is then exp(A) to ``train_tol``, as
+            the certified one is to ``eval_tol``, instead of the paper's fixed 6-term Taylor series
+            (whose error is ``a^6/720``, 4-6% at the a ~ 1.8 of 3x3 layers).
+        train_tol: the error tolerance of ``train_terms="auto"`` (relative to ||exp(A)|| = 1).
         init_iters, update_iters: power-iteration steps for the norm scaling at construction and
             per training forward.
         backward: ``"fast"`` (the paper's one-weight-gradient backward) or ``"exact"`` (autograd).
@@ -226,13 +287,14 @@ class SOC(LipschitzLayer):
         kernel_size: int = 3,
         stride: int = 1,
         bias: bool = True,
-        train_terms: int = 6,
+        train_terms: int | str = 6,
         eval_terms: int = 15,
         init_iters: int = 50,
         update_iters: int = 1,
         backward: str = "fast",
         eval_mode: str = "taylor",
         eval_tol: float = 1e-6,
+        train_tol: float = 0.02,
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
@@ -241,8 +303,12 @@ class SOC(LipschitzLayer):
             raise ConfigError(f"SOC supports stride 1 or 2, got {stride}")
         if backward not in ("fast", "exact"):
             raise ConfigError(f"backward must be 'fast' or 'exact', got {backward!r}")
-        if train_terms < 2 or eval_terms < 2:
+        if train_terms != "auto" and (isinstance(train_terms, str) or train_terms < 2):
+            raise ConfigError(f"train_terms must be an integer >= 2 or 'auto', got {train_terms!r}")
+        if eval_terms < 2:
             raise ConfigError("SOC needs at least 2 Taylor terms")
+        if not 0 < train_tol < 0.5:
+            raise ConfigError(f"train_tol must be in (0, 0.5), got {train_tol}")
         if eval_mode not in ("taylor", "fast"):
             raise ConfigError(f"eval_mode must be 'taylor' or 'fast', got {eval_mode!r}")
         if not 0 < eval_tol < 0.1:
@@ -258,6 +324,7 @@ class SOC(LipschitzLayer):
         self.kernel_size = kernel_size
         self.stride = stride
         self.train_terms = train_terms
+        self.train_tol = float(train_tol)
         self.eval_terms = eval_terms
         self.update_iters = update_iters
         self.backward_mode = backward
@@ -279,6 +346,12 @@ class SOC(LipschitzLayer):
         }
         for name, shape in shapes.items():
             self.register_buffer(name, _l2_normalize(torch.randn(shape)))
+        if train_terms == "auto":
+            # the bound behind the current training polynomial and the forwards since it was
+            # computed: in the state dict, so that a resumed run trains the same polynomials
+            self.register_buffer("train_bound", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("train_forwards", torch.zeros((), dtype=torch.int64))
+            self._train_poly: tuple | None = None
         if self.weight.device.type != "meta":  # a meta build (shapes only, `lipcert models`) has no values
             self.power_iteration(init_iters)
 
@@ -286,7 +359,8 @@ class SOC(LipschitzLayer):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, terms={self.train_terms}/{self.eval_terms}, "
-            f"backward={self.backward_mode}, eval={self.eval_mode}, bias={self.bias is not None}"
+            + (f"train_tol={self.train_tol}, " if self.train_terms == "auto" else "")
+            + f"backward={self.backward_mode}, eval={self.eval_mode}, bias={self.bias is not None}"
         )
 
     def raw_skew(self) -> torch.Tensor:
@@ -338,7 +412,37 @@ class SOC(LipschitzLayer):
 
     @property
     def terms(self) -> int:
-        return self.train_terms if self.training else self.eval_terms
+        if not self.training:
+            return self.eval_terms
+        if self.train_terms == "auto":
+            return len(self._train_poly[2]) if self._train_poly is not None else 0
+        return self.train_terms
+
+    @torch.no_grad()
+    def train_polynomial(self, size: tuple[int, int]) -> tuple[float, ...]:
+        """Monomial coefficients in A of the polynomial an ``train_terms="auto"`` layer trains with.
+
+        Every :data:`TRAIN_BOUND_EVERY` training forwards (and on the first): ``a`` = the sound
+        bound :func:`skew_conv_norm_bound` of the current scaled filter on this map size, times
+        ``1 +`` :data:`TRAIN_BOUND_MARGIN`; then the Chebyshev expansion of exp on ``i[-a, a]``
+        with the fewest terms whose error bound is below ``train_tol`` (the evaluation path's
+        rule, :func:`choose_terms`), in monomial form. Between refreshes the weights drift by a
+        few SGD steps; the margin absorbs that (training may use estimates; the certificate never
+        does: it bounds what the evaluation forward applies)."""
+        count = int(self.train_forwards)
+        resized = self._train_poly is not None and self._train_poly[0] != size
+        refresh = count % TRAIN_BOUND_EVERY == 0 or float(self.train_bound) == 0.0 or resized
+        if refresh:
+            with torch.autocast(self.weight.device.type, enabled=False):  # float64 under --amp too
+                a = skew_conv_norm_bound(self.skew_filter(), size) * (1 + TRAIN_BOUND_MARGIN)
+            self.train_bound.fill_(a)
+        a = float(self.train_bound)  # a resumed (or reloaded) layer uses the stored bound until its next refresh
+        if self._train_poly is None or self._train_poly[:2] != (size, a):
+            terms = choose_terms(a, self.train_tol, "chebyshev")
+            mono = chebyshev_to_monomial(chebyshev_coefficients(a, terms))
+            self._train_poly = (size, a, tuple(m / a**j for j, m in enumerate(mono)))
+        self.train_forwards.add_(1)
+        return self._train_poly[2]
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
@@ -362,15 +466,21 @@ class SOC(LipschitzLayer):
             self.power_iteration(self.update_iters)
         skew = self.skew_filter().to(x.dtype)
         x = self._prepare_input(x)
+        poly = None
+        if self.training and self.train_terms == "auto":
+            poly = self.train_polynomial(tuple(x.shape[-2:]))
         if self.training and self.backward_mode == "fast" and torch.is_grad_enabled():
             h, w = x.shape[-2:]
             if self.train_dense and self.kernel_size > 1 and 2 * h * w <= self.kernel_size**2:
                 # fewer multiply-adds as one matrix than as a padded convolution (1x1 and 2x2 maps
                 # for 3x3 filters); the gradient reaches the filter through the matrix's entries
                 a = dense_conv_matrix(skew, (h, w))
-                y = _FastSOC.apply(x.flatten(1), a, self.terms).view(x.shape)
+                flat = x.flatten(1)
+                y = (_FastSOC.apply(flat, a, self.terms) if poly is None else _FastPoly.apply(flat, a, poly)).view(x.shape)
             else:
-                y = _FastSOC.apply(x, skew, self.terms)
+                y = _FastSOC.apply(x, skew, self.terms) if poly is None else _FastPoly.apply(x, skew, poly)
+        elif poly is not None:
+            y = polynomial_series(x, skew, poly)
         else:
             y = taylor_series(x, skew, self.terms)
         return self._finish_output(y)
@@ -455,7 +565,8 @@ class SOC(LipschitzLayer):
     @classmethod
     def examples(cls):
         return [(cls(4, 4, 3), (4, 5, 5)), (cls(2, 6, 3, stride=2), (2, 6, 6)), (cls(8, 4, 1), (8, 3, 3)),
-                (cls(3, 5, 1, stride=2), (3, 4, 4)), (cls(4, 4, 3, backward="exact"), (4, 2, 2))]
+                (cls(3, 5, 1, stride=2), (3, 4, 4)), (cls(4, 4, 3, backward="exact"), (4, 2, 2)),
+                (cls(4, 4, 3, train_terms="auto"), (4, 5, 5))]
 
     def _plan_state(self) -> tuple:
         # In-place updates (optimizer steps, load_state_dict, power iteration) bump _version.
