@@ -77,10 +77,16 @@ def recipe_defaults(name: str) -> dict[str, Any]:
 
 
 def apply_recipe(name: str | None, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Options for a run: ``given`` (set by the user) over recipe ``name`` over ``defaults``."""
+    """Options for a run: ``given`` (set by the user) over recipe ``name`` over ``defaults``. A
+    recipe's ``model_options`` are defaults key by key: a given ``model_options`` overrides only
+    the keys it names."""
     merged = dict(defaults)
+    recipe = recipe_defaults(name) if name is not None else {}
+    merged.update(recipe)
     if name is not None:
-        merged.update(recipe_defaults(name))
         merged["recipe"] = name
+    given = dict(given)
+    if recipe.get("model_options") and given.get("model_options"):
+        given["model_options"] = {**recipe["model_options"], **given["model_options"]}
     merged.update(given)
     return merged

@@ -154,6 +154,14 @@ def test_recipes_fill_only_what_was_not_given():
         TrainConfig(**{k: v for k, v in recipe_defaults(name).items()}).validate()
 
 
+def test_recipe_model_options_are_defaults_key_by_key():
+    merged = apply_recipe("budget-bro", {"model_options": {"layer_options": {"rank": 4}}}, {})
+    assert merged["model_options"] == {"layers_per_block": 1, "layer_options": {"rank": 4}}
+    merged = apply_recipe("budget-bro", {"model_options": {"layers_per_block": 2}}, {})
+    assert merged["model_options"] == {"layers_per_block": 2}
+    assert RECIPES["budget-bro"]["model_options"] == {"layers_per_block": 1}  # the recipe itself untouched
+
+
 @pytest.mark.parametrize("recipe, width", [("budget", 2), ("budget-bro", 4)])
 def test_cli_recipe_budget(tmp_path, recipe, width):
     out = tmp_path / "run"

@@ -56,16 +56,20 @@ def test_invalid_options_are_refused(kwargs, message):
         create_model("liresnet", **(TINY | kwargs))
 
 
+def _train_steps(model, opt, x, steps=3):
+    model.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), torch.arange(len(x)) % 10)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_after_an_epoch_refresh_the_body_is_certified_near_one_and_bakes_and_reloads_exactly():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     x = torch.rand(8, 3, 16, 16)
-    model.train()
-    for _ in range(3):
-        loss = torch.nn.functional.cross_entropy(model(x), torch.arange(8) % 10)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train_steps(model, opt, x)
     for m in model.modules():
         if hasattr(m, "refresh") and m is not model:
             m.refresh(5)
@@ -166,12 +170,7 @@ def test_bro_backbone_trains_bakes_and_reloads_exactly(tmp_path):
     model = _model(block="bro", width=8)
     opt = torch.optim.NAdam(model.parameters(), lr=1e-2)
     x = torch.rand(8, 3, 16, 16)
-    model.train()
-    for _ in range(3):
-        loss = torch.nn.functional.cross_entropy(model(x), torch.arange(8) % 10)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train_steps(model, opt, x)
     model.eval()
     bounds = {b.name: b.bound for b in model.layer_bounds()}
     assert all(bounds[f"block{i}.conv"] <= 1.0 + 1e-4 for i in (1, 2))

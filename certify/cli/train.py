@@ -222,11 +222,6 @@ def train(**opts) -> None:
         cfg.resume, cfg.overwrite = True, False
     else:
         given = {k: v for k, v in opts.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
-        if recipe is not None and given.get("model_options"):
-            # a recipe's model options are defaults too: --model-option overrides its key only
-            from certify.recipes import recipe_defaults
-
-            given["model_options"] = {**(recipe_defaults(recipe).get("model_options") or {}), **given["model_options"]}
         cfg = TrainConfig(**apply_recipe(recipe, given, opts))
     result = run_training(cfg, progress=progress)
     _print_summary(result)
