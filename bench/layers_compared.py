@@ -22,8 +22,11 @@ output: each row then has one core, as in the sequential protocol with ``taskset
     python bench/layers_compared.py --budget-minutes 20 --parallel 2
     python bench/layers_compared.py --budget-minutes 0.2 --synthetic --layers soc,aol,conv   # smoke test
 
-Writes OUT/<layer>/ (run folders, certify reports, logs) and OUT/layers_compared.{md,csv}; OUT defaults
-to bench/results/<date>-layers-compared-<size>-<minutes>min.
+Writes OUT/<layer>/ (run folders, certify reports, logs, row.json: how the row was run) and
+OUT/layers_compared.{md,csv}; OUT defaults to bench/results/<date>-layers-compared-<size>-<minutes>min.
+Rows may come from several invocations into one OUT (each refuses to overwrite a finished row);
+``--report-only`` rebuilds the table from all of them. A hand-written reading goes in OUT/reading.md,
+which the table links and no run overwrites.
 """
 
 from __future__ import annotations
@@ -107,10 +110,13 @@ def row_commands(layer: str, args, out: Path) -> list[tuple[str, list[str]]]:
     return [("train", train), ("certify", certify), ("audit", audit)]
 
 
-def run_row(layer: str, args, out: Path, core: int | None) -> dict:
+def run_row(layer: str, args, out: Path, core: int | None, environment: str) -> dict:
     (out / layer).mkdir(parents=True, exist_ok=True)
     log = out / layer / "log.txt"
-    result: dict = {"layer": layer}
+    # how this row was run, kept with it: a --report-only table may gather rows of several invocations
+    result: dict = {"layer": layer, "environment": environment,
+                    "core": core, "command": " ".join(shlex.quote(a) for a in ["python", "bench/layers_compared.py",
+                                                                                *args.argv])}
     for step, cmd in row_commands(layer, args, out):
         t0 = time.perf_counter()
         proc, f = _run(cmd, log, core)
@@ -175,10 +181,10 @@ def _last_json(text: str):
         return None
 
 
-def schedule(layers: list[str], args, out: Path) -> dict[str, dict]:
+def schedule(layers: list[str], args, out: Path, environment: str) -> dict[str, dict]:
     """Run the rows, ``args.parallel`` at a time, each pinned to its own core (or unpinned when 1)."""
     if args.parallel <= 1:
-        return {layer: run_row(layer, args, out, None) for layer in layers}
+        return {layer: run_row(layer, args, out, args.one_core, environment) for layer in layers}
     import concurrent.futures as cf
 
     cores = sorted(os.sched_getaffinity(0))
@@ -192,7 +198,7 @@ def schedule(layers: list[str], args, out: Path) -> dict[str, dict]:
         while queue or pending:
             while queue and free:
                 layer, core = queue.pop(0), free.pop(0)
-                pending[pool.submit(run_row, layer, args, out, core)] = (layer, core)
+                pending[pool.submit(run_row, layer, args, out, core, environment)] = (layer, core)
             done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for fut in done:
                 layer, core = pending.pop(fut)
@@ -224,13 +230,12 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: rebuild the table from every row already in --output")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.one_core is not None and args.parallel > 1:
+        p.error("--one-core runs the rows one after the other; it does not combine with --parallel")
     layers = args.layers.split(",") if args.layers else _convolutions()
     out = Path(args.output) if args.output else (
         ROOT / "bench" / "results" / f"{dt.date.today().isoformat()}-layers-compared-{args.size}-{args.budget_minutes:g}min")
-    env = (f"{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-           + (f"{args.parallel} rows at a time, one core and one thread each" if args.parallel > 1
-              else "rows one after the other, one core and one thread" if args.one_core is not None
-              else "rows one after the other, unpinned"))
     if args.report_only:
         layers = sorted(d.name for d in out.iterdir() if (d / "row.json").is_file()) if out.is_dir() else []
         if not layers:
@@ -240,9 +245,12 @@ def main(argv=None) -> int:
         if any((out / layer).exists() for layer in layers):
             p.error(f"{out} already holds rows for some of {layers}; pick another --output")
         out.mkdir(parents=True, exist_ok=True)
+        env = (f"{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+               + (f"{args.parallel} rows at a time, one core and one thread each" if args.parallel > 1
+                  else f"rows one after the other on core {args.one_core}, one thread" if args.one_core is not None
+                  else "rows one after the other, unpinned"))
         print(f"layers_compared: convnet_{args.size}, {args.budget_minutes:g} min per row, {env}", file=sys.stderr)
-        raw = ({layer: run_row(layer, args, out, args.one_core) for layer in layers} if args.one_core is not None
-               else schedule(layers, args, out))
+        raw = schedule(layers, args, out, env)
     rows = [summarise(layer, out, raw[layer]) for layer in layers]
     ref = next((r for r in rows if r["layer"] == "conv" and "error" not in r), None)
     for r in rows:
@@ -254,9 +262,34 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    cmd = " ".join(shlex.quote(a) for a in ["python", "bench/layers_compared.py", *(argv or sys.argv[1:])])
-    lines = [f"# 1-Lipschitz layers compared: convnet_{args.size}, {args.budget_minutes:g} minutes of training each "
-             f"({dt.date.today()})", "", f"- command: `{cmd}`", f"- environment: {env}",
+    text = report(rows, out, args)
+    (out / "layers_compared.md").write_text(text)
+    print(text, end="")
+    return 1 if any("error" in r or r.get("audit_violations") for r in rows) else 0
+
+
+def _budgets(rows: list[dict], out: Path) -> str:
+    """The training budget(s) the rows ran with, from their own run configs (not this invocation's flags)."""
+    found = set()
+    for r in rows:
+        config = out / r["layer"] / "run" / "config.json"
+        if config.is_file():
+            found.add(json.loads(config.read_text()).get("budget_minutes"))
+    found.discard(None)
+    if not found:
+        return "an unknown budget"
+    return " / ".join(f"{b:g}" for b in sorted(found)) + " minutes of training" + (" each" if len(found) == 1 else
+                                                                                    " (rows differ!)")
+
+
+def report(rows: list[dict], out: Path, args) -> str:
+    """The Markdown table of the rows, with how each was run; links a hand-written OUT/reading.md."""
+    cmd = " ".join(shlex.quote(a) for a in ["python", "bench/layers_compared.py", *args.argv])
+    envs = {r.get("environment") for r in rows}
+    lines = [f"# 1-Lipschitz layers compared: convnet_{args.size}, {_budgets(rows, out)} ({dt.date.today()})", "",
+             f"- command: `{cmd}`",
+             f"- environment: {envs.pop()}" if len(envs) == 1 and None not in envs else
+             "- environment: rows from several invocations; each row's conditions are listed below the table",
              f"- recipe (every row): `{args.train_args}`"
              + (f"; {args.layers_per_block} convolution(s) per block" if args.layers_per_block else ""),
              *[f"- row options: {item}" for item in args.row_args],
@@ -277,9 +310,16 @@ def main(argv=None) -> int:
             f" | {r['certify_images_per_s']:.0f} | {r.get('certify_speed_vs_conv', float('nan')):.2f}"
             f" | {r['train_peak_mib']:.0f} | {audit} |")
     lines += ["", "audit: violations / certified samples attacked inside their radius (must be 0 / n)."]
-    (out / "layers_compared.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 1 if any("error" in r or r.get("audit_violations") for r in rows) else 0
+    if len({r.get("environment") for r in rows}) > 1 or None in {r.get("environment") for r in rows}:
+        lines += ["", "## How each row was run", ""]
+        for r in rows:
+            if r.get("environment") is None:
+                lines.append(f"- `{r['layer']}`: not recorded in its row.json (an earlier version of this script)")
+            else:
+                lines.append(f"- `{r['layer']}`: {r['environment']}; `{r['command']}`")
+    if (out / "reading.md").is_file():
+        lines += ["", "The reading of these rows (hand-written): [reading.md](reading.md)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
