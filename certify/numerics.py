@@ -89,3 +89,12 @@ def ieee_float32_call(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def no_autocast(device: torch.device):
+    """A context that leaves autocast (``lipcert train --amp``) on ``device``: for the parts of a
+    layer that must run in float32 (a norm estimate, FFTs and matrix inverses, which bfloat16
+    either cannot run or would make too coarse to stay near orthogonal)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -98,7 +98,7 @@ def _check_bound(layer, shape, what: str, seed: int):
     assert exact <= bound * SLACK, f"{what}: bound {bound!r} < Jacobian norm {exact!r}"
 
 
-def _optimiser_steps(layer, shape, steps: int = 3, lr: float = 1.0):
+def _optimiser_steps(layer, shape, steps: int = 3, lr: float = 1.0, amp: bool = False):
     params = [p for p in layer.parameters() if p.requires_grad]
     if not params:
         return False
@@ -107,8 +107,10 @@ def _optimiser_steps(layer, shape, steps: int = 3, lr: float = 1.0):
     layer.train()
     for _ in range(steps):
         x = torch.randn((4, *shape), generator=gen)
-        out = layer(x)
-        loss = -(out * torch.randn(out.shape, generator=gen)).sum()  # a push in a random direction
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):  # `lipcert train --amp`
+            out = layer(x)
+        assert torch.isfinite(out).all()
+        loss = -(out.float() * torch.randn(out.shape, generator=gen)).sum()  # a push in a random direction
         opt.zero_grad()
         loss.backward()
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
@@ -144,6 +146,18 @@ def test_bound_is_at_least_the_jacobian_norm_on_every_path_before_and_after_trai
             if path:
                 layer.set_evaluation(**path)
             _check_bound(layer, shape, f"{name} {path} after large optimiser steps", seed=i + 100)
+
+
+@pytest.mark.parametrize("name,i", CASES)
+def test_trains_under_bfloat16_autocast_and_its_bound_still_holds(name, i):
+    # --amp trains under autocast; the certificate is computed afterwards in float32/float64
+    layer, shape = _example(name, i)
+    if _optimiser_steps(layer, shape, steps=2, lr=0.1, amp=True):
+        assert all(p.dtype == torch.float32 for p in layer.parameters())
+        for path in _paths(layer):
+            if path:
+                layer.set_evaluation(**path)
+            _check_bound(layer, shape, f"{name} {path} after bfloat16 training steps", seed=i + 200)
 
 
 @pytest.mark.parametrize("name,i", CASES)

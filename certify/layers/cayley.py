@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ExportError, NotLipschitzError
+from ..numerics import no_autocast
 from .linear import BakedConv2d, BakedLinear
 from .norms import FLOAT64_SLACK, linear_norm_bound, matrix_norm_bound
 from .protocol import LipschitzLayer
@@ -253,11 +254,14 @@ class FFTOrthogonalConv(LipschitzLayer):
         size = (int(x.shape[-2]), int(x.shape[-1]))
         strided_size(size, self.stride)  # refuses sizes that space-to-depth cannot split
         self._record(size)
-        if self.training:
-            q = self._applied(self.full_matrices(_grid(size, self.stride, self.pad), self.weight.dtype))
-        else:
-            q = self.plan(size)[0]
-        return fft_forward(x, q, self.stride, self.pad, self.bias)
+        # in the weights' dtype, outside autocast (--amp): torch has no bfloat16 FFT, and the
+        # parametrisation's inverses in bfloat16 would be far from orthogonal
+        with no_autocast(x.device):
+            if self.training:
+                q = self._applied(self.full_matrices(_grid(size, self.stride, self.pad), self.weight.dtype))
+            else:
+                q = self.plan(size)[0]
+            return fft_forward(x.to(self.weight.dtype), q, self.stride, self.pad, self.bias)
 
     # ---- the evaluation plan and the bound ------------------------------------------------------
 

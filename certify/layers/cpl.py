@@ -29,7 +29,6 @@ on the tracked input size. ``eval_norm="power"`` keeps the authors' estimate (``
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ExportError, NotLipschitzError
+from ..numerics import no_autocast
 from .norms import FLOAT64_SLACK, conv_norm_bound, linear_norm_bound
 from .protocol import LipschitzLayer
 from .registry import register_layer
@@ -85,13 +85,6 @@ def power_estimate(op, u: torch.Tensor) -> torch.Tensor:
     """``||op(u)||`` for the unit vector ``u``: a LOWER estimate of ||op||, differentiable in the
     operator's weights (never a certificate)."""
     return op(u).norm()
-
-
-def _no_autocast(device: torch.device):
-    """Leave autocast for the norm estimate: a bfloat16 ``h`` would be too coarse to certify at 1."""
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class _PowerIterated(LipschitzLayer):
@@ -267,7 +260,7 @@ class CPLConv2d(_PowerIterated, _CPLConvForward):
         ``sigma`` the power estimate or, with ``eval_norm="bound"`` (``exact``), the sound bound
         on the tracked input size (then a certificate of exactly 1 on that size)."""
         exact = self.eval_norm == "bound" if exact is None else exact
-        with _no_autocast(self.weight.device):
+        with no_autocast(self.weight.device):
             self._power_steps(iters)
             if exact:
                 sigma = conv_norm_bound(self.weight, self.tracked_size(), padding=self.kernel_size // 2)
@@ -278,7 +271,7 @@ class CPLConv2d(_PowerIterated, _CPLConvForward):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self._follow_size(tuple(x.shape[-2:]))
-            with _no_autocast(x.device):
+            with no_autocast(x.device):
                 self._power_steps(self.update_iters)
                 h = power_estimate(self._op, self.u).square() + EPSILON
             self.h.copy_(h.detach())
@@ -422,7 +415,7 @@ class CPLLinear(_CPLDenseForward):
         """``iters`` power-iteration steps, then the evaluation forward's ``h = sigma^2 + 1e-4``,
         ``sigma`` the power estimate or, with ``eval_norm="bound"`` (``exact``), the sound bound."""
         exact = self.eval_norm == "bound" if exact is None else exact
-        with _no_autocast(self.weight.device):
+        with no_autocast(self.weight.device):
             self._power_steps(iters)
             if exact:
                 sigma = linear_norm_bound(self.weight)
@@ -432,7 +425,7 @@ class CPLLinear(_CPLDenseForward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            with _no_autocast(x.device):
+            with no_autocast(x.device):
                 self._power_steps(self.update_iters)
                 h = (self.weight @ self.u).norm().square() + EPSILON
             self.h.copy_(h.detach())

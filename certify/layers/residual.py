@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .cpl import _check_eval_norm, _no_autocast, _PowerIterated, adjoint_filter, circular_conv, power_estimate, power_steps
+from ..numerics import no_autocast
+from .cpl import _check_eval_norm, _PowerIterated, adjoint_filter, circular_conv, power_estimate, power_steps
 from .linear import BakedConv2d
 from .norms import conv_norm_bound
 from .protocol import LipschitzLayer
@@ -135,7 +136,7 @@ class LiResNetBlock(_PowerIterated):
         or, with ``eval_norm="bound"`` (``exact``), the sound bound on the tracked input size
         (times 1 + 1e-5)."""
         exact = self.eval_norm == "bound" if exact is None else exact
-        with _no_autocast(self.weight.device):
+        with no_autocast(self.weight.device):
             self._power_steps(iters)
             a = self.normalised_part()
             if exact:
@@ -147,7 +148,7 @@ class LiResNetBlock(_PowerIterated):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self._follow_size(tuple(x.shape[-2:]))
-            with _no_autocast(x.device):
+            with no_autocast(x.device):
                 self._power_steps(self.update_iters)
                 a = self.normalised_part()
                 sigma = power_estimate(lambda v: circular_conv(v, a), self.u).clamp_min(1e-12)
