@@ -314,7 +314,7 @@ def report(rows: list[dict], out: Path, args) -> str:
         lines += ["", "## How each row was run", ""]
         for r in rows:
             if r.get("environment") is None:
-                lines.append(f"- `{r['layer']}`: not recorded in its row.json (an earlier version of this script)")
+                lines.append(f"- `{r['layer']}`: not recorded in its row.json (an earlier version of this script; see the reading)")
             else:
                 lines.append(f"- `{r['layer']}`: {r['environment']}; `{r['command']}`")
     if (out / "reading.md").is_file():
