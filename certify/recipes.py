@@ -13,7 +13,8 @@
   batch 128, crop + flip: the best layer of bench/layers_compared.py at 15 minutes (37.7% at
   36/255 where SOC, AOL, CPL reached 29.5-30.9% and ``budget`` 30.6% on the same CPU); at 70
   minutes it certifies 44.4% (bench/results/2026-12-02-layers-compared-xs1-70min), below the
-  46.9% ``budget`` reached on 2026-11-25 (another, faster CPU core), so it is not the default.
+  49.8% ``budget`` reached in 70 minutes on the same CPU (2026-12-02-budget-recipe-v1-70min), so it
+  is not the default.
 - ``bronet-cifar``: for GPUs, BRONet-L (+LA) of Lai, Huang, Kung & Chen (ICML 2025) as its public
   configuration trains it (ntuaislab/BRONet, bronet/configs/benchmark_reproduce/cifar10.yaml;
   cifar100.yaml is the same but for the dataset): depth 12, width 512, MaxMin, LLN head, a BRO
