@@ -134,9 +134,9 @@ def run_row(layer: str, args, out: Path, core: int | None, environment: str) -> 
 
 
 def summarise(layer: str, out: Path, result: dict) -> dict:
-    if "error" in result:
-        return result
     run = out / layer / "run"
+    if "error" in result or ("clean" in result and not (run / "train_state.pt").is_file()):
+        return result  # failed, or summarised before and its checkpoints not kept (a fresh clone)
     config = json.loads((run / "config.json").read_text())
     metrics = list(csv.DictReader(open(run / "metrics.csv")))
     import torch
@@ -252,6 +252,8 @@ def main(argv=None) -> int:
         print(f"layers_compared: convnet_{args.size}, {args.budget_minutes:g} min per row, {env}", file=sys.stderr)
         raw = schedule(layers, args, out, env)
     rows = [summarise(layer, out, raw[layer]) for layer in layers]
+    for r in rows:  # the summary joins the row, so that --report-only needs no checkpoints (not committed)
+        (out / r["layer"] / "row.json").write_text(json.dumps(r, indent=1) + "\n")
     ref = next((r for r in rows if r["layer"] == "conv" and "error" not in r), None)
     for r in rows:
         if ref and "error" not in r:

@@ -59,6 +59,11 @@ def test_report_only_rebuilds_the_table_from_the_rows(lc, tmp_path, capsys):
     assert "[reading.md](reading.md)" in md
     assert (tmp_path / "reading.md").read_text() == "hand-written\n"  # the reading is never overwritten
     assert "aol" in (tmp_path / "layers_compared.csv").read_text()
+    # a fresh clone has no checkpoints (they are not committed): the rows' summaries suffice
+    for state in tmp_path.glob("*/run/train_state.pt"):
+        state.unlink()
+    assert lc.main(["--report-only", "--output", str(tmp_path), "--budget-minutes", "20"]) == 0
+    assert (tmp_path / "layers_compared.md").read_text() == md
 
 
 def test_report_only_fails_on_an_audit_violation_and_on_mixed_budgets(lc, tmp_path):
