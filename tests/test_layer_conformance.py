@@ -18,6 +18,8 @@ has (``taylor``, ``fast``, ``fast`` with dense operators):
 
 from __future__ import annotations
 
+import copy
+
 import importlib.util
 import io
 from pathlib import Path
@@ -158,6 +160,20 @@ def test_trains_under_bfloat16_autocast_and_its_bound_still_holds(name, i):
             if path:
                 layer.set_evaluation(**path)
             _check_bound(layer, shape, f"{name} {path} after bfloat16 training steps", seed=i + 200)
+
+
+@pytest.mark.parametrize("name,i", CASES)
+def test_a_float64_input_is_evaluated_in_float64(name, i):
+    # the certifier re-checks float32 rounding by feeding float64 inputs to the float32 model, or,
+    # where the model refuses them (RuntimeError), to a float64 copy; never silently in float32
+    layer, shape = _example(name, i)
+    x = torch.randn((2, *shape), dtype=torch.float64)
+    try:
+        out = layer(x)
+    except RuntimeError:
+        out = copy.deepcopy(layer).double()(x)
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, layer(x.float()).double(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,i", CASES)

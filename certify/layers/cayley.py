@@ -254,14 +254,16 @@ class FFTOrthogonalConv(LipschitzLayer):
         size = (int(x.shape[-2]), int(x.shape[-1]))
         strided_size(size, self.stride)  # refuses sizes that space-to-depth cannot split
         self._record(size)
-        # in the weights' dtype, outside autocast (--amp): torch has no bfloat16 FFT, and the
-        # parametrisation's inverses in bfloat16 would be far from orthogonal
+        # outside autocast (--amp): torch has no bfloat16 FFT, and the parametrisation's inverses in
+        # bfloat16 would be far from orthogonal. A bfloat16 input is promoted to the weights' dtype;
+        # a float64 one is never cast down (the certifier's float64 re-check relies on it)
         with no_autocast(x.device):
             if self.training:
                 q = self._applied(self.full_matrices(_grid(size, self.stride, self.pad), self.weight.dtype))
             else:
                 q = self.plan(size)[0]
-            return fft_forward(x.to(self.weight.dtype), q, self.stride, self.pad, self.bias)
+            x = x.to(torch.promote_types(x.dtype, self.weight.dtype))
+            return fft_forward(x, q, self.stride, self.pad, self.bias)
 
     # ---- the evaluation plan and the bound ------------------------------------------------------
 
