@@ -288,11 +288,13 @@ def report(rows: list[dict], out: Path, args) -> str:
     """The Markdown table of the rows, with how each was run; links a hand-written OUT/reading.md."""
     cmd = " ".join(shlex.quote(a) for a in ["python", "bench/layers_compared.py", *args.argv])
     envs = {r.get("environment") for r in rows}
+    one_env = len(envs) == 1 and None not in envs
     lines = [f"# 1-Lipschitz layers compared: convnet_{args.size}, {_budgets(rows, out)} ({dt.date.today()})", "",
              f"- command: `{cmd}`",
-             f"- environment: {envs.pop()}" if len(envs) == 1 and None not in envs else
+             f"- environment: {next(iter(envs))}" if one_env else
              "- environment: rows from several invocations; each row's conditions are listed below the table",
-             f"- recipe (every row): `{args.train_args}`"
+             # --report-only runs nothing: the recipe is what its caller says (rows' own commands below)
+             f"- recipe{' (as given to this report)' if args.report_only else ''} (every row): `{args.train_args}`"
              + (f"; {args.layers_per_block} convolution(s) per block" if args.layers_per_block else ""),
              *[f"- row options: {item}" for item in args.row_args],
              "- data: " + ("synthetic (smoke test)" if args.synthetic else
@@ -312,7 +314,7 @@ def report(rows: list[dict], out: Path, args) -> str:
             f" | {r['certify_images_per_s']:.0f} | {r.get('certify_speed_vs_conv', float('nan')):.2f}"
             f" | {r['train_peak_mib']:.0f} | {audit} |")
     lines += ["", "audit: violations / certified samples attacked inside their radius (must be 0 / n)."]
-    if len({r.get("environment") for r in rows}) > 1 or None in {r.get("environment") for r in rows}:
+    if not one_env:
         lines += ["", "## How each row was run", ""]
         for r in rows:
             if r.get("environment") is None:
