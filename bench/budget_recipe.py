@@ -17,10 +17,16 @@ certificates against PGD and AutoPGD on a seeded subset of the validation split.
     python bench/budget_recipe.py --minutes 70                  # the protocol: one row after the other
     python bench/budget_recipe.py --minutes 70 --concurrent     # both at once, one core each
     python bench/budget_recipe.py --minutes 0.3 --synthetic     # a smoke test on synthetic data
+    python bench/budget_recipe.py --minutes 70 --concurrent \
+        --row budget-auto="--recipe budget --train-terms auto" --rows budget,budget-auto   # a candidate row
+
+``--row NAME=ARGS`` adds a row of your own: ``lipcert train ARGS`` with the protocol's budget, data,
+split, seed and device options appended (so a candidate for the preset is measured exactly like the
+preset). Every row but ``paper`` (the baseline, not a candidate) is audited.
 
 ``--concurrent`` gives each row one dedicated core (sched_setaffinity) and one torch thread for the
 same wall clock: the two rows get equal compute, half of what the sequential protocol gives each.
-Writes RUN/{paper,budget}/ (run folders), RUN/budget_recipe.{md,csv}; RUN defaults to
+Writes RUN/<row>/ (run folders), RUN/<row>.log, RUN/budget_recipe.{md,csv}; RUN defaults to
 bench/results/<date>-budget-recipe-<minutes>min.
 """
 
@@ -32,6 +38,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -48,8 +55,36 @@ EPS = ("36_255", "72_255", "108_255")
 LIPCERT = [sys.executable, "-c", "from certify.cli import main; main()"]
 
 
+def custom_rows(items: list[str]) -> dict[str, list[str]]:
+    """``--row NAME=ARGS`` items as {NAME: lipcert train options}; ValueError on a bad item."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, extra = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+            raise ValueError(f"--row takes NAME=ARGS with NAME a plain folder name, got {item!r}")
+        if name in ROWS or name in out:
+            raise ValueError(f"--row {name!r}: that row name is already taken")
+        try:
+            options = shlex.split(extra)
+        except ValueError as e:
+            raise ValueError(f"--row {name!r}: {e}") from None
+        if not options:
+            raise ValueError(f"--row {name!r}: no lipcert train options given")
+        clash = sorted({o.split("=", 1)[0] for o in options} & PROTOCOL_OPTIONS)
+        if clash:
+            raise ValueError(f"--row {name!r}: {', '.join(clash)} belong to the protocol and are set by this script")
+        out[name] = options
+    return out
+
+
+# Set by train_command for every row, so that all rows are measured alike.
+PROTOCOL_OPTIONS = {"--budget-minutes", "--output", "--seed", "--device", "--dataset", "--data-dir", "--val-split",
+                    "--data-seed", "--synthetic-size", "--workers", "--epochs", "--limit", "--val-limit"}
+
+
 def train_command(row: str, args, run_dir: Path) -> list[str]:
-    cmd = [*LIPCERT, "train", "--recipe", row, "--budget-minutes", str(args.minutes),
+    options = args.custom[row] if row in args.custom else ["--recipe", row]
+    cmd = [*LIPCERT, "train", *options, "--budget-minutes", str(args.minutes),
            "--output", str(run_dir), "--seed", str(args.seed), "--no-progress", "--device", "cpu"]
     if args.synthetic:
         cmd += ["--dataset", "synthetic", "--synthetic-size", "1200", "--val-split", "200"]
@@ -97,7 +132,11 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default="/work/data/train", help="ImageFolder of the CIFAR-10 training JPEGs")
     p.add_argument("--synthetic", action="store_true", help="synthetic data instead (a smoke test)")
     p.add_argument("--concurrent", action="store_true", help="run both rows at once, each on its own core")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
+    p.add_argument("--rows", default=None,
+                   help="comma-separated rows to run: among " + ", ".join(ROWS) + " and the --row names "
+                   "(default: all of them)")
+    p.add_argument("--row", action="append", default=[], metavar="NAME=ARGS",
+                   help="a row of your own, trained with `lipcert train ARGS` plus the protocol's options")
     p.add_argument("--audit-limit", type=int, default=50,
                    help="validation images the audit attacks (about 20 s each at width 8 on one core)")
     p.add_argument("--workers", type=int, default=2, help="JPEG decoding threads")
@@ -106,9 +145,14 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true",
                    help="do not train: audit and report the run folders already in --output")
     args = p.parse_args(argv)
-    rows = [r for r in args.rows.split(",") if r]
-    if any(r not in ROWS for r in rows):
-        p.error(f"rows must be among {ROWS}")
+    try:
+        args.custom = custom_rows(args.row)
+    except ValueError as e:
+        p.error(str(e))
+    known = (*ROWS, *args.custom)
+    rows = list(known) if args.rows is None else [r for r in args.rows.split(",") if r]
+    if not rows or any(r not in known for r in rows) or len(set(rows)) != len(rows):
+        p.error(f"--rows must name distinct rows among {', '.join(known)}")
     out = Path(args.output) if args.output else (
         ROOT / "bench" / "results" / f"{dt.date.today().isoformat()}-budget-recipe-{args.minutes:g}min")
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +178,7 @@ def main(argv=None) -> int:
             return 1
         results.append(summarise(r, out / r))
 
-    audit_text = audit(out / "budget", args) if "budget" in rows else "not run"
+    audits = {r: audit(out / r, args) for r in rows if r != "paper"}
     cols = list(results[0])
     with open(out / "budget_recipe.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
@@ -143,9 +187,11 @@ def main(argv=None) -> int:
     lines = [f"# Certified accuracy under a {args.minutes:g}-minute training budget ({dt.date.today()})", "",
              f"- command: `{' '.join(shlex.quote(a) for a in ['python', 'bench/budget_recipe.py', *(argv or sys.argv[1:])])}`",
              f"- environment: {env}",
-             *(["- the rows were trained by an earlier run of this script without --report-only (same "
-                "--minutes and row options); their training logs are paper.log and budget.log beside this file"]
+             *(["- the rows were trained before this report (same --minutes and row options); their training "
+                "logs are " + ", ".join(f"{r}.log" for r in rows) + " beside this file"]
                if args.report_only else []),
+             *[f"- row {r}: `lipcert train {' '.join(shlex.quote(a) for a in train_command(r, args, out / r)[4:])}`"
+               for r in rows],
              "- data: " + ("synthetic" if args.synthetic else f"{args.data_dir} (CIFAR-10 training JPEGs), 45,000 "
                            "training / 5,000 validation images (data seed 0)")
              + "; every accuracy is on the VALIDATION split, certified with the sound bound", "",
@@ -155,7 +201,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['row']} | {r['model']} | {r['width']} | {r['loss']} | {100 * r['clean']:.2f}% | "
                      + " | ".join(f"{100 * r[f'cert_{e}']:.2f}%" for e in EPS)
                      + f" | {r['epochs']:.2f} | {r['images_per_s']:.0f} |")
-    lines += ["", "Audit of the budget model (`lipcert attack --audit`):", "", "```", audit_text, "```"]
+    for r, text in audits.items():
+        lines += ["", f"Audit of the {r} model (`lipcert attack --audit`):", "", "```", text, "```"]
     (out / "budget_recipe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
