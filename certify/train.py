@@ -668,7 +668,7 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
                 if head_reg is not None:
                     loss = loss + head_reg()
                 if d.world == 1 and not torch.isfinite(loss):
-                    raise ConfigError(f"training diverged (loss {float(loss)}) at epoch {epoch + 1}, step "
+                    raise ConfigError(f"training diverged (loss {float(loss.detach())}) at epoch {epoch + 1}, step "
                                       f"{step + 1}; lower --lr or set --grad-clip")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

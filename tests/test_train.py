@@ -304,3 +304,12 @@ def test_training_with_the_new_losses_runs(loss, run_dir):
                       loss=loss, head="lln", device="cpu", output=str(run_dir), power_iters=0)
     res = train(cfg, progress=False)
     assert res.epochs_completed == 1 and math.isfinite(res.metrics[-1]["train_loss"])
+
+
+def test_divergence_is_a_clear_error_without_a_torch_warning(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the message once converted a grad-requiring tensor
+        with pytest.raises(ConfigError, match=r"training diverged \(loss (nan|inf)\) at epoch 1, step \d+; lower --lr"):
+            train(tiny(tmp_path / "run", lr=1e30, head="mlp"), verbose=False)
