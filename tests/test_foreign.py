@@ -423,7 +423,7 @@ def test_a_foreign_onnx_graph_is_translated_checked_and_bounded(tmp_path):
                                                  x[i].double().flatten())
         exact = max(exact, float(torch.linalg.matrix_norm(jac, ord=2)))
     torch_model.float()
-    head_norm = float(torch.linalg.matrix_norm(torch_model[-1].weight.double(), ord=2))
+    head_norm = float(torch.linalg.matrix_norm(torch_model[-1].weight.detach().double(), ord=2))
     assert exact <= model.feature_lipschitz_bound() * head_norm * (1 + 1e-6)
     assert model.layer_bounds()
 
