@@ -35,3 +35,24 @@ def tiny_model():
 def run_dir(tmp_path):
     """A path for a training run folder that does not exist yet."""
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """Loads a script of bench/ as a module (bench/ is not a package), registered under its name
+    so that dataclasses and pickling inside it work."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    def load(name: str):
+        if name in sys.modules:
+            return sys.modules[name]
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "budget_recipe.py"
 
 
 @pytest.fixture(scope="module")
-def br():
-    spec = importlib.util.spec_from_file_location("budget_recipe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["budget_recipe"] = module
-    spec.loader.exec_module(module)
-    return module
+def br(bench_script):
+    return bench_script("budget_recipe")
 
 
 def _args(br, **kw):

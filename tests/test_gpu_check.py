@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from certify.numerics import reduced_precision_state
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
-def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gpu_check", module)
-    spec.loader.exec_module(module)
-    return module
+def gc(bench_script):
+    return bench_script("gpu_check")
 
 
 def _cert(radius, bound=4.0):

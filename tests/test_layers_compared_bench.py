@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "layers_compared.py"
 
 
 @pytest.fixture(scope="module")
-def lc():
-    spec = importlib.util.spec_from_file_location("layers_compared", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["layers_compared"] = module
-    spec.loader.exec_module(module)
-    return module
+def lc(bench_script):
+    return bench_script("layers_compared")
 
 
 def _fake_row(out: Path, layer: str, *, images: int, budget_minutes: float = 15.0, violations: int = 0,
