@@ -46,9 +46,9 @@ def bench_script():
     from pathlib import Path
 
     def load(name: str):
-        if name in sys.modules:
-            return sys.modules[name]
         path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        if getattr(sys.modules.get(name), "__file__", None) == str(path):
+            return sys.modules[name]
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
