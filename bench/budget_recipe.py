@@ -78,7 +78,7 @@ def custom_rows(items: list[str]) -> dict[str, list[str]]:
 
 
 # Set by train_command for every row, so that all rows are measured alike.
-PROTOCOL_OPTIONS = {"--budget-minutes", "--output", "--seed", "--device", "--dataset", "--data-dir", "--val-split",
+PROTOCOL_OPTIONS = {"--budget-minutes", "--output", "-o", "--seed", "--device", "--dataset", "--data-dir", "--val-split",
                     "--data-seed", "--synthetic-size", "--workers", "--epochs", "--limit", "--val-limit"}
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 
-
 @pytest.fixture(scope="module")
 def br(bench_script):
     return bench_script("budget_recipe")
@@ -45,7 +44,8 @@ def test_a_custom_row_is_trained_with_its_options_and_the_protocol(br, tmp_path)
     ("x=", "no lipcert train options"),
     ("x=--recipe budget --seed 3", "--seed belong to the protocol"),
     ("x=--recipe budget --budget-minutes=5", "--budget-minutes belong to the protocol"),
-    ("x=--recipe 'budget", "x"),  # unbalanced quote
+    ("x=--recipe budget -o runs/x", "-o belong to the protocol"),
+    ("x=--recipe 'budget", "--row 'x': No closing quotation"),
 ])
 def test_bad_row_definitions_are_refused(br, item, message):
     with pytest.raises(ValueError, match=message):
