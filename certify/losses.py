@@ -6,7 +6,7 @@
   Lipschitz constant ``L = 1/min(std)`` of a 1-Lipschitz body (misclassified samples add 0).
 - ``offset``: offset cross-entropy, ``CE((f - offset onehot(y)) / T, y)`` (the true-class logit
   lowered by ``offset``; default ``sqrt(2) L 36/255``, the margin the global certificate needs at
-  36/255).
+  36/255; ``"2x"`` is twice that).
 - ``emma``: efficient margin maximisation (Hu, Zhang, Wang, Fredrikson, "Unlocking Deterministic
   Robustness Certification on ImageNet", NeurIPS 2023): every other class's logit is raised by
   ``eps_j K_yj`` with ``K_yj`` the Lipschitz constant of the margin ``f_y - f_j`` and
@@ -54,6 +54,38 @@ def nominal_lipschitz(model: nn.Module) -> float:
 def default_offset(model: nn.Module, eps: float = 36 / 255) -> float:
     """sqrt(2) * L * eps: the margin that the global certificate needs at ``eps``."""
     return math.sqrt(2.0) * nominal_lipschitz(model) * eps
+
+
+def parse_offset(value: float | str | None) -> float | str | None:
+    """An offset as a user gives it: None (the default margin), a number >= 0 (logits), or
+    ``"<k>x"``, k >= 0 times the default margin ``sqrt(2) L 36/255`` (the CVPR'24 comparison of
+    Prach et al. trains with ``2x``: ``2 sqrt(2) eps`` on inputs in [0, 1]). Returns the number or
+    the normalised ``"<k>x"``; raises :class:`ConfigError` on anything else."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        scaled = text.endswith("x")
+        try:
+            k = float(text[:-1] if scaled else text)
+        except ValueError:
+            k = float("nan")
+        if not (math.isfinite(k) and k >= 0):
+            raise ConfigError(f"offset must be a number >= 0 or a multiple of the margin such as 2x, got {value!r}")
+        return f"{k:g}x" if scaled else k
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"offset must be a number >= 0 or a multiple of the margin such as 2x, got {value!r}")
+    return float(value)
+
+
+def resolve_offset(offset: float | str | None, model: nn.Module) -> float:
+    """The logit offset to train with: :func:`parse_offset`'s value made a number for ``model``."""
+    offset = parse_offset(offset)
+    if offset is None:
+        return default_offset(model)
+    if isinstance(offset, str):
+        return float(offset[:-1]) * default_offset(model)
+    return offset
 
 
 def true_class_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

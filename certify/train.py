@@ -58,7 +58,8 @@ from .certificates import STANDARD_EPS, Certifier, certify_batches, parse_eps
 from .checkpoint import atomic_write_bytes, save
 from .data import ImageDataset, augment_batch, load_dataset, to_float
 from .errors import ConfigError, LipcertError, RunFolderError
-from .losses import LA_ALPHA, LA_BETA, LOSSES, default_offset, margin_lipschitz, nominal_lipschitz, per_sample_loss
+from .losses import (LA_ALPHA, LA_BETA, LOSSES, margin_lipschitz, nominal_lipschitz, parse_offset, per_sample_loss,
+                     resolve_offset)
 from .optim import OPTIMIZERS, build_optimizer
 
 SCHEDULES = ("step", "cosine")
@@ -120,7 +121,7 @@ class TrainConfig:
     schedule: str = "step"
     loss: str = "ce"
     gamma: float = 0.5
-    offset: float | None = None
+    offset: float | str | None = None  # logits, or "<k>x": k times the margin sqrt(2) L 36/255
     temperature: float = 1.0
     la_alpha: float = LA_ALPHA
     la_beta: float = LA_BETA
@@ -146,6 +147,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` on an out-of-range or inconsistent value; return self."""
+        self.offset = parse_offset(self.offset)  # ConfigError on a bad one; "2X" becomes "2x"
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
@@ -155,7 +157,6 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}"),
             (self.loss in LOSSES, f"unknown loss {self.loss!r}; choose from {LOSSES}"),
             (self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}"),
-            (self.offset is None or self.offset >= 0, f"offset must be >= 0, got {self.offset}"),
             (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
             (_finite(self.la_alpha) and self.la_alpha > 0, f"la_alpha must be positive, got {self.la_alpha}"),
             (_finite(self.la_beta) and self.la_beta >= 0, f"la_beta must be >= 0, got {self.la_beta}"),
@@ -544,8 +545,8 @@ def _train(cfg, d: _Dist, device, on_epoch_end, verbose, progress) -> TrainResul
         # NHWC convolutions: 1.5x faster steps at width 8 and 1.3x at width 16 on a 1-thread CPU,
         # but slower at width 32 (LipConvnet-5, batch 128); checkpoints are saved contiguous.
         model = model.to(memory_format=torch.channels_last)
-    if cfg.loss in ("offset", "la", "emma_la") and cfg.offset is None:
-        cfg.offset = default_offset(model)
+    if cfg.loss in ("offset", "la", "emma_la") or cfg.offset is not None:
+        cfg.offset = resolve_offset(cfg.offset, model)  # a number in config.json: "2x" resolved
     lip_nominal = nominal_lipschitz(model)
     optimizer = build_optimizer(parameter_groups(model, cfg.weight_decay, cfg.decay_all), cfg.optimizer, lr=cfg.lr,
                                 momentum=cfg.momentum, lookahead=cfg.lookahead, lookahead_alpha=cfg.lookahead_alpha)

@@ -122,3 +122,19 @@ def test_model_options_reach_the_builder_and_the_checkpoint(tmp_path):
 def test_bad_model_options_are_refused(args, code, message, tmp_path):
     r = run("train", *TINY, "--epochs", "1", *args, "--output", tmp_path / "run")
     assert r.exit_code == code and message in r.output
+
+
+def test_offset_as_a_multiple_of_the_margin_is_saved_as_the_number_trained_with(tmp_path):
+    out = tmp_path / "run"
+    r = run("train", *TINY, "--epochs", "1", "--loss", "offset", "--offset", "2x", "--output", out)
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["offset"] == pytest.approx(2 * 2 ** 0.5 / config["std"][0] * 36 / 255)
+
+
+@pytest.mark.parametrize("bad", ["two", "-1x", "x"])
+def test_a_bad_offset_is_a_usage_error(tmp_path, bad):
+    r = run("train", *TINY, "--epochs", "1", "--offset", bad, "--output", tmp_path / "run")
+    assert r.exit_code == 2
+    assert "offset must be a number >= 0 or a multiple of the margin such as 2x" in r.output
+    assert not (tmp_path / "run").exists()

@@ -313,3 +313,34 @@ def test_divergence_is_a_clear_error_without_a_torch_warning(tmp_path):
         warnings.simplefilter("error", UserWarning)  # the message once converted a grad-requiring tensor
         with pytest.raises(ConfigError, match=r"training diverged \(loss (nan|inf)\) at epoch 1, step \d+; lower --lr"):
             train(tiny(tmp_path / "run", lr=1e30, head="mlp"), verbose=False)
+
+
+@pytest.mark.parametrize("given, want", [(None, None), (0.5, 0.5), (2, 2.0), ("1.5", 1.5), ("2x", "2x"), (" 2X", "2x"),
+                                         ("0.5x", "0.5x"), ("0x", "0x")])
+def test_offset_is_a_number_or_a_multiple_of_the_margin(given, want):
+    from certify.losses import parse_offset
+
+    assert parse_offset(given) == want
+
+
+@pytest.mark.parametrize("bad", ["x", "-1x", "-0.5", "2xx", "two", "nanx", "infx", float("nan"), -1.0, True, [2]])
+def test_bad_offsets_are_refused(bad):
+    from certify.errors import ConfigError
+    from certify.losses import parse_offset
+    from certify.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="offset must be"):
+        parse_offset(bad)
+    with pytest.raises(ConfigError, match="offset must be"):
+        TrainConfig(offset=bad).validate()
+
+
+def test_a_multiple_of_the_margin_scales_the_default_offset(tiny_model):
+    from certify.losses import default_offset, resolve_offset
+
+    model = tiny_model(head="lln", width=2)
+    margin = default_offset(model)
+    assert margin == pytest.approx(2 ** 0.5 / min(model.std) * 36 / 255)
+    assert resolve_offset("2x", model) == pytest.approx(2 * margin)
+    assert resolve_offset(None, model) == pytest.approx(margin)
+    assert resolve_offset(0.3, model) == 0.3
