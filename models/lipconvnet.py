@@ -8,7 +8,9 @@ N in 5, 10, ..., 40 with b = N/5 SOC layers per block:
             a pool (32w features) or, for the MLP head, an activation (64w features)
     head    orthogonal (1x1 SOC), LLN, or MLP
 
-with w = 32 in the paper. Inputs whose side is not a multiple of 32 (MNIST's 28) are zero-padded
+with w = 32 in the paper. ``blocks=(b1, ..., b5)`` gives each block its own number of SOC layers
+(the compact variants of issue 17: layers added where the maps are small and convolutions are
+cheap); its depth is then their sum, as N = 5b for the uniform family. Inputs whose side is not a multiple of 32 (MNIST's 28) are zero-padded
 after normalisation, an isometric embedding that keeps the bound.
 """
 
@@ -56,8 +58,12 @@ def _padded(size: tuple[int, int]) -> tuple[int, int]:
     return (-(-size[0] // 32) * 32, -(-size[1] // 32) * 32)
 
 
-def _check_config(depth: int, head: str, num_classes: int, width: int) -> None:
-    if depth not in DEPTHS:
+def _check_config(depth: int, head: str, num_classes: int, width: int, blocks=None, down_kernel: int = 3) -> None:
+    if down_kernel not in (1, 3) or isinstance(down_kernel, bool):
+        raise ConfigError(f"down_kernel must be 3 (the paper's) or 1, got {down_kernel!r}")
+    if blocks is not None:
+        _check_blocks(blocks)
+    elif depth not in DEPTHS:
         raise ConfigError(f"LipConvnet depth must be one of {DEPTHS}, got {depth}")
     if head not in HEADS:
         raise ConfigError(f"unknown head {head!r}; choose from {HEADS}")
@@ -67,20 +73,33 @@ def _check_config(depth: int, head: str, num_classes: int, width: int) -> None:
         raise ConfigError(f"width must be an even number >= 2, got {width}")
 
 
-def _layout(depth: int, in_channels: int, width: int, head: str) -> tuple[list[tuple[str, str, Any]], int]:
+def _check_blocks(blocks) -> None:
+    if (isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or len(blocks) != 5
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in blocks)):
+        raise ConfigError(f"blocks takes five integers >= 1 (SOC layers in blocks 1-5), got {blocks!r}")
+
+
+def _per_block(depth: int, blocks) -> tuple[int, ...]:
+    """SOC layers in each of the five blocks: ``blocks``, or ``depth / 5`` each."""
+    return tuple(blocks) if blocks is not None else (depth // 5,) * 5
+
+
+def _layout(depth: int, in_channels: int, width: int, head: str, blocks=None,
+            down_kernel: int = 3) -> tuple[list[tuple[str, str, Any]], int]:
     """The body of LipConvnet-``depth`` (see the module docstring), as ``(name, kind, size)`` with
     kind ``soc`` (size: in channels, out channels, kernel, stride), ``act`` or ``pool`` (size:
     channels); and the channels the head sees per 32x32 tile of the input. One description for
     the model and for its static facts (:func:`lipconvnet_facts`)."""
-    b = depth // 5
+    per_block = _per_block(depth, blocks)
     layers: list[tuple[str, str, Any]] = [("init.conv", "soc", (in_channels, width, 3, 1)), ("init.act", "act", width)]
     c = width
     for i in range(1, 5):
-        for j in range(b - 1):
+        for j in range(per_block[i - 1] - 1):
             layers += [(f"block{i}.conv{j}", "soc", (c, c, 3, 1)), (f"block{i}.act{j}", "act", c)]
-        layers += [(f"block{i}.down", "soc", (c, 4 * c, 3, 2)), (f"block{i}.pool", "pool", 4 * c)]
+        layers += [(f"block{i}.down", "soc", (c, 4 * c, down_kernel, 2)), (f"block{i}.pool", "pool", 4 * c)]
         c *= 2
     wide = 4 * c
+    b = per_block[4]
     layers += [("block5.conv0", "soc", (c, wide, 1, 2))]
     for j in range(1, b):
         layers += [(f"block5.act{j - 1}", "act", wide), (f"block5.conv{j}", "soc", (wide, wide, 1, 1))]
@@ -116,11 +135,14 @@ class LipConvNet(LipschitzNet):
         train_tol: float = 0.02,
         mlp_hidden: int = 4096,
         mlp_beta: float = 1.0,
+        blocks: Sequence[int] | None = None,
+        down_kernel: int = 3,
     ) -> None:
         super().__init__()
-        _check_config(depth, head, num_classes, width)
+        _check_config(depth, head, num_classes, width, blocks, down_kernel)
         self.mean, self.std = input_normalisation(in_channels, mean, std)
-        self.depth, self.num_classes, self.width = depth, num_classes, width
+        self.blocks = _per_block(depth, blocks)
+        self.depth, self.num_classes, self.width = sum(self.blocks), num_classes, width
         self.input_shape = (in_channels, *_size2(input_size))
         self.padded_size = _padded(self.input_shape[1:])
 
@@ -128,7 +150,7 @@ class LipConvNet(LipschitzNet):
                       eval_mode=eval_mode, eval_tol=eval_tol, train_tol=train_tol)
         self.normalize = Normalize(self.mean, self.std)
 
-        specs, out_c = _layout(depth, in_channels, width, head)
+        specs, out_c = _layout(depth, in_channels, width, head, blocks, down_kernel)
         layers: list[tuple[str, nn.Module]] = []
         for name, kind, size in specs:  # built in order: the seeded initialisation depends on it
             if kind == "soc":
@@ -178,13 +200,13 @@ def lipconvnet_facts(depth: int, **kwargs) -> dict[str, Any]:
         raise ConfigError(str(e)) from None
     args.apply_defaults()
     a = args.arguments
-    _check_config(a["depth"], a["head"], a["num_classes"], a["width"])
+    _check_config(a["depth"], a["head"], a["num_classes"], a["width"], a["blocks"], a["down_kernel"])
     if a["activation"] not in _ACT_PARAMS:
         raise ConfigError(f"unknown activation {a['activation']!r}; choose from {sorted(_ACT_PARAMS)}")
     if a["pooling"] not in _POOL_PARAMS:
         raise ConfigError(f"unknown pooling {a['pooling']!r}; choose from {sorted(_POOL_PARAMS)}")
     input_shape = (int(a["in_channels"]), *_size2(a["input_size"]))
-    specs, out_c = _layout(a["depth"], input_shape[0], a["width"], a["head"])
+    specs, out_c = _layout(a["depth"], input_shape[0], a["width"], a["head"], a["blocks"], a["down_kernel"])
     count = {"soc": lambda size: _soc_params(*size), "act": _ACT_PARAMS[a["activation"]],
              "pool": _POOL_PARAMS[a["pooling"]]}
     params = sum(count[kind](size) for _, kind, size in specs)
@@ -197,7 +219,7 @@ def lipconvnet_facts(depth: int, **kwargs) -> dict[str, Any]:
     else:
         hidden = a["mlp_hidden"]
         params += hidden * features + hidden + classes * hidden + classes
-    return {"family": "LipConvnet", "depth": a["depth"], "width": a["width"], "layer": "soc", "activation": a["activation"],
+    return {"family": "LipConvnet", "depth": sum(_per_block(a["depth"], a["blocks"])), "width": a["width"], "layer": "soc", "activation": a["activation"],
             "pooling": a["pooling"], "head": a["head"], "certificate": _CERTIFICATES[a["head"]],
             "num_classes": classes, "input_shape": list(input_shape), "parameters": params}
 

@@ -23,7 +23,7 @@ import torch
 
 from certify.errors import ConfigError, DuplicateModelError, NotLipschitzError, UnknownModelError
 from certify.lipschitz import empirical_lower_bound, upper_bound
-from certify.models import LipConvNet, create_model, is_model, list_models, register_model
+from certify.models import LipConvNet, create_model, is_model, list_models, model_facts, register_model
 from certify.models import _registry
 
 ACTS = ("maxmin", "hh1", "hh2")
@@ -346,3 +346,59 @@ def test_json_roundtrip_of_model_kwargs():
     model = create_model("lipconvnet5", width=4, activation="hh1", input_size=(28, 28), in_channels=1)
     again = create_model(model.model_name, **json.loads(json.dumps(model.model_kwargs)))
     assert again.input_shape == model.input_shape == (1, 28, 28)
+
+
+# ---- per-block depths (compact variants, issue 17) ------------------------------------------
+
+
+def test_blocks_put_layers_where_asked_and_stay_bounded():
+    """``blocks=(1, 1, 2, 3, 2)``: one extra SOC layer in block 3, two in block 4, one 1x1 in
+    block 5; the depth is their sum, the static facts match, and the bound still holds on pairs."""
+    blocks = (1, 1, 2, 3, 2)
+    with torch.random.fork_rng():
+        model = create_model("lipconvnet5", width=4, head="lln", blocks=list(blocks))
+    socs = [n for n in model.layer_names if n.startswith("block") and (".conv" in n or ".down" in n)]
+    assert model.depth == sum(blocks) == len(socs)
+    assert [sum(n.startswith(f"block{i}.") for n in socs) for i in range(1, 6)] == list(blocks)
+    assert {"block3.conv0", "block4.conv0", "block4.conv1", "block5.conv1"} <= set(socs)
+    facts = model_facts("lipconvnet5", width=4, head="lln", blocks=list(blocks))
+    assert facts["depth"] == model.depth and facts["parameters"] == sum(p.numel() for p in model.parameters())
+    x, y = _images(20, 4), _images(21, 4)
+    with torch.no_grad():
+        ratio = (model(x) - model(y)).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    assert float(ratio.max()) <= _bound(model)
+    # the uniform family is the special case blocks = (N/5,) * 5, weight for weight
+    with torch.random.fork_rng():
+        a = create_model("lipconvnet10", width=4)
+    with torch.random.fork_rng():
+        b = create_model("lipconvnet5", width=4, blocks=[2] * 5)
+    assert a.layer_names == b.layer_names and a.depth == b.depth == 10
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("blocks", [[1, 1, 1, 1], [1, 1, 0, 1, 1], [1, 1, 1.5, 1, 1], "11111", [True] * 5, 5])
+def test_bad_blocks_are_a_config_error(blocks):
+    with pytest.raises(ConfigError, match="blocks"):
+        LipConvNet(width=4, blocks=blocks)
+    with pytest.raises(ConfigError, match="blocks"):
+        model_facts("lipconvnet5", width=4, blocks=blocks)
+
+
+def test_down_kernel_1_downsamples_by_2x2_patches():
+    """``down_kernel=1``: the stride-2 SOC of blocks 1-4 is 1x1 on the space-to-depth map (a 2x2,
+    stride-2 orthogonal convolution); shapes as the paper's layout, bound holds on pairs, facts match."""
+    with torch.random.fork_rng():
+        model = create_model("lipconvnet5", width=4, head="lln", down_kernel=1, blocks=[2, 2, 1, 1, 1])
+    downs = [model.body[f"block{i}-down"] for i in range(1, 5)]
+    assert all(d.kernel_size == 1 and d.stride == 2 for d in downs)
+    assert model.body["block1-conv0"].kernel_size == 3  # the other layers keep 3x3 filters
+    facts = model_facts("lipconvnet5", width=4, head="lln", down_kernel=1, blocks=[2, 2, 1, 1, 1])
+    assert facts["parameters"] == sum(p.numel() for p in model.parameters()) and facts["depth"] == 7
+    x, y = _images(22, 4), _images(23, 4)
+    with torch.no_grad():
+        fx, fy = model(x), model(y)
+    assert fx.shape == (4, 10)
+    assert float(((fx - fy).norm(dim=1) / (x - y).flatten(1).norm(dim=1)).max()) <= _bound(model)
+    for bad in (2, 5, True, "1"):
+        with pytest.raises(ConfigError, match="down_kernel"):
+            LipConvNet(width=4, down_kernel=bad)
