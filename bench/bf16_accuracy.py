@@ -3,7 +3,7 @@
 Trains the same model twice with ``lipcert train``, identical but for ``--amp`` (bfloat16
 autocast of the training forward; certification stays float32): same seed, data order, options
 and number of epochs, on the CIFAR-10 training JPEGs with the seeded 5,000-image validation split
-(data seed 0) that no training step sees. The model and options are those of the budget preset
+(data seed 0) that no training step sees. The model and options are those of the v1 budget preset
 (LipConvnet-5 at width 8, LLN head, offset cross-entropy, cosine schedule), with a fixed number of
 epochs instead of a time budget, so both rows take the same steps. Prints each row's validation
 clean and certified accuracy, and its training images/s.

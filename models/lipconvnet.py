@@ -10,8 +10,13 @@ N in 5, 10, ..., 40 with b = N/5 SOC layers per block:
 
 with w = 32 in the paper. ``blocks=(b1, ..., b5)`` gives each block its own number of SOC layers
 (the compact variants of issue 17: layers added where the maps are small and convolutions are
-cheap); its depth is then their sum, as N = 5b for the uniform family. Inputs whose side is not a multiple of 32 (MNIST's 28) are zero-padded
-after normalisation, an isometric embedding that keeps the bound.
+cheap); its depth is then their sum, as N = 5b for the uniform family. ``down_kernel=1`` makes the
+stride-2 SOC of blocks 1-4 a 1x1 SOC on the space-to-depth map (an orthogonal 2x2 stride-2
+convolution): the paper's 3x3 one there costs four times a 3x3 SOC at the block's own width and
+resolution. ``lipconvnet8c`` is the compact variant ``blocks=(1, 2, 2, 2, 1), down_kernel=1``.
+
+Inputs whose side is not a multiple of 32 (MNIST's 28) are zero-padded after normalisation, an
+isometric embedding that keeps the bound.
 """
 
 from __future__ import annotations
@@ -284,6 +289,23 @@ def lipconvnet35(**kwargs) -> LipConvNet:
 def lipconvnet40(**kwargs) -> LipConvNet:
     """LipConvnet-40: eight SOC layers per block."""
     return _create_lipconvnet(40, **kwargs)
+
+
+# ---- compact variants (issue 17: certified accuracy per CPU minute) -----------------------------
+
+#: lipconvnet8c: one SOC layer in blocks 1 and 5, two in blocks 2-4, 2x2 orthogonal downsampling
+COMPACT8 = {"blocks": [1, 2, 2, 2, 1], "down_kernel": 1}
+
+
+def _compact(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {**COMPACT8, **kwargs}
+
+
+@register_model(facts=lambda **kwargs: lipconvnet_facts(5, **_compact(kwargs)))
+def lipconvnet8c(**kwargs) -> LipConvNet:
+    """Compact LipConvnet-8: 8 SOC layers (blocks 1, 2, 2, 2, 1), each stride 2 an orthogonal 2x2
+    convolution (1x1 SOC on the space-to-depth map); the architecture of ``--recipe budget``."""
+    return _create_lipconvnet(5, **_compact(kwargs))
 
 
 # ---- the MLP head with the curvature certificate (CRC-Lip, NeurIPS 2022; issue 7) ---------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +153,25 @@ def test_recipes_fill_only_what_was_not_given():
         recipe_defaults("fastest")
     for name in RECIPES:  # every recipe is a valid config
         TrainConfig(**{k: v for k, v in recipe_defaults(name).items()}).validate()
+
+
+#: the 70-minute row that measured the budget preset (README, "Training on a budget")
+BUDGET_ROW = Path(__file__).resolve().parents[1] / "bench/results/2026-12-07-budget-v2final-70min/budget-o2x/config.json"
+
+
+def test_budget_preset_is_what_its_measured_row_trained():
+    """The README's figure for ``--recipe budget`` belongs to these options: every option of the
+    preset is the one the committed 70-minute row trained with (its offset resolved as training
+    resolves it)."""
+    from certify.losses import resolve_offset
+    from certify.models import create_model
+
+    row = json.loads(BUDGET_ROW.read_text())
+    preset = recipe_defaults("budget")
+    assert row["recipe"] == "budget"
+    model = create_model(preset["model"], width=preset["width"], head=preset["head"], mean=row["mean"], std=row["std"])
+    assert row["offset"] == pytest.approx(resolve_offset(preset.pop("offset", None), model), rel=1e-12)
+    assert {k: row[k] for k in preset} == preset
 
 
 def test_recipe_model_options_are_defaults_key_by_key():

@@ -489,11 +489,11 @@ def test_cli_certify_onnx_end_to_end(onnx_export, tmp_path):
     assert ref["certified_accuracy"] == via_ort["certified_accuracy"]
 
 
-def check_onnx_round_trip(tmp_path, head, pooling, activation, one_by_one="matrix"):
+def check_onnx_round_trip(tmp_path, head, pooling, activation, one_by_one="matrix", **model_kwargs):
     pytest.importorskip("onnxruntime")
     from certify.export import export_onnx, read_onnx_metadata
 
-    model = make_model(head, pooling, activation)
+    model = make_model(head, pooling, activation, **model_kwargs)
     out = tmp_path / "m.onnx"
     report = export_onnx(model, out, batch_size=4, one_by_one=one_by_one)
     assert report.max_abs_logit_diff <= 1e-4
@@ -511,6 +511,12 @@ def check_onnx_round_trip(tmp_path, head, pooling, activation, one_by_one="matri
 @pytest.mark.parametrize("one_by_one", ["matrix", "taylor"])  # the orthogonal head as exp(A) or as a 1x1 SOC
 def test_onnx_round_trip_orthogonal_head(tmp_path, one_by_one):
     check_onnx_round_trip(tmp_path, "ortho", "max", "maxmin", one_by_one)
+
+
+def test_onnx_round_trip_compact_layout(tmp_path):
+    """The budget preset's layout (blocks [1,2,2,2,1], 2x2 orthogonal downsampling, LLN head)
+    exports with the same logits and radii."""
+    check_onnx_round_trip(tmp_path, "lln", "max", "maxmin", blocks=[1, 2, 2, 2, 1], down_kernel=1)
 
 
 @pytest.mark.slow

@@ -402,3 +402,20 @@ def test_down_kernel_1_downsamples_by_2x2_patches():
     for bad in (2, 5, True, "1"):
         with pytest.raises(ConfigError, match="down_kernel"):
             LipConvNet(width=4, down_kernel=bad)
+
+
+def test_lipconvnet8c_is_the_compact_layout_weight_for_weight():
+    """The registered compact variant is LipConvnet with blocks [1,2,2,2,1] and down_kernel=1, the
+    same layers and the same seeded initial weights; its options can still be overridden."""
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        a = create_model("lipconvnet8c", width=4, head="lln")
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        b = create_model("lipconvnet5", width=4, head="lln", blocks=[1, 2, 2, 2, 1], down_kernel=1)
+    assert a.layer_names == b.layer_names and a.depth == 8
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert model_facts("lipconvnet8c", width=4)["depth"] == 8
+    with torch.random.fork_rng():
+        c = create_model("lipconvnet8c", width=4, blocks=[1, 1, 1, 1, 1], down_kernel=3)
+    assert c.depth == 5 and c.body["block1-down"].kernel_size == 3

@@ -199,8 +199,9 @@ def _model_options(f):
               help="SOC power-iteration steps after each epoch.")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
               help="Fill the options not given from a preset: paper (the paper's LipConvnet-5 recipe), budget "
-                   "(the best certified accuracy per CPU minute measured: a SOC LipConvnet-5 at width 8, for --budget-minutes; "
-                   "default 70), budget-bro (a BRO ConvNet, best at 15 minutes) or bronet-cifar "
+                   "(the best certified accuracy per CPU minute measured: the compact SOC LipConvnet lipconvnet8c at "
+                   "width 8, for --budget-minutes; default 70), budget-v1 (the previous budget preset, LipConvnet-5 at "
+                   "width 8), budget-bro (a BRO ConvNet, best at 15 minutes) or bronet-cifar "
                    "(BRONet's published CIFAR-10/100 configuration, for GPUs; --model-option KEY=VALUE overrides "
                    "one of its model options).")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
