@@ -182,7 +182,7 @@ def test_recipe_model_options_are_defaults_key_by_key():
     assert RECIPES["budget-bro"]["model_options"] == {"layers_per_block": 1}  # the recipe itself untouched
 
 
-@pytest.mark.parametrize("recipe, width", [("budget", 2), ("budget-bro", 4)])
+@pytest.mark.parametrize("recipe, width", [("budget", 2), ("budget-v1", 2), ("budget-bro", 4)])
 def test_cli_recipe_budget(tmp_path, recipe, width):
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, ["train", "--recipe", recipe, "--budget-minutes", "0.05", "--width", str(width),
