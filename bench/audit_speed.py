@@ -187,7 +187,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}; device cpu")
     if args.note:
         print(f"# note: {args.note}")
-    print(f"# model: {ckpt.name if args.checkpoint else 'trained here'}: lipconvnet5 width 8, lln head (the budget "
+    print(f"# model: {ckpt.name if args.checkpoint else 'trained here'}: lipconvnet5 width 8, lln head (the v1 budget "
           f"preset's architecture), {sum(p.numel() for p in base.parameters()):,} params"
           + (f", {args.train_epochs} epochs on synthetic in {train_s:.0f} s" if train_s else "")
           + f"; certificate {cert.method}")

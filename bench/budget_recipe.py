@@ -20,7 +20,7 @@ certificates against PGD and AutoPGD on a seeded subset of the validation split.
     python bench/budget_recipe.py --minutes 70 --rows budget-v1,budget --concurrent   # two at once, one core each
     python bench/budget_recipe.py --minutes 0.3 --synthetic     # a smoke test on synthetic data
     python bench/budget_recipe.py --minutes 70 --concurrent \
-        --row budget-auto="--recipe budget --train-terms auto" --rows budget,budget-auto   # a candidate row
+        --row budget-o1x="--recipe budget --offset 1x" --rows budget,budget-o1x   # a candidate row
 
 ``--row NAME=ARGS`` adds a row of your own: ``lipcert train ARGS`` with the protocol's budget, data,
 split, seed and device options appended (so a candidate for the preset is measured exactly like the

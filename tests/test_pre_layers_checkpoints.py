@@ -41,7 +41,7 @@ def tensors():
 
 
 @pytest.mark.parametrize("entry", sorted(REF["models"]))
-def test_old_checkpoint_gives_identical_logits_bounds_and_certificates(entry, tensors):
+def test_old_checkpoint_gives_the_same_logits_bounds_and_certificates(entry, tensors):
     from certify.certificates import Certifier
     from certify.loading import load_any
     from certify.layers import set_eval_mode
